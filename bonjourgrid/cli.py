@@ -1,0 +1,314 @@
+"""The `bonjourgrid` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from . import __version__
+from .announcement import CAP_RE, GRID_NAME_RE
+from .gridkey import GridKey, GridKeyError, key_file_is_private
+from .netif import InterfaceError, resolve_interface
+from .ownerpolicy import OwnerPolicy
+from .paths import default_key_file, default_state_dir
+from .resources import ThrottlePolicy, default_memory_mib, probe_capabilities
+from .units import format_size, parse_size
+
+app = typer.Typer(
+    name="bonjourgrid",
+    help="A peer-to-peer desktop grid: idle desktops, found over mDNS, run your jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+# Options every command takes.
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option("--key-file", envvar="BONJOURGRID_KEY_FILE", help="Grid key file [default: the one init wrote]."),
+]
+GridOpt = Annotated[
+    str, typer.Option("--grid", envvar="BONJOURGRID_GRID", help="Grid name: nodes of other grids are ignored.")
+]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", envvar="BONJOURGRID_STATE_DIR", help="Node state directory [default: XDG state]."),
+]
+InterfaceOpt = Annotated[
+    str | None,
+    typer.Option("--interface", "-i", help="Use only this interface (name or IPv4 address) for mDNS."),
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def check_grid(grid: str) -> str:
+    if not GRID_NAME_RE.match(grid):
+        raise fail(f"bad grid name {grid!r}: 1-32 letters, digits, '.', '_' or '-', starting alphanumeric")
+    return grid
+
+
+def load_key(key_file: Path | None) -> GridKey:
+    path = key_file or default_key_file()
+    try:
+        key = GridKey.read(path)
+    except GridKeyError as e:
+        raise fail(str(e)) from None
+    if not key_file_is_private(path):
+        err.print(f"[yellow]warning:[/] {path} is readable by other users; run: chmod 600 {path}")
+    return key
+
+
+def addresses_for(interface: str | None) -> list[str]:
+    try:
+        return resolve_interface(interface)
+    except InterfaceError as e:
+        raise fail(str(e)) from None
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("zeroconf").setLevel(logging.WARNING)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out.print(f"bonjourgrid {__version__}")
+        raise typer.Exit()
+
+
+# ------------------------------------------------------------------ init ----
+
+
+@app.command()
+def init(
+    key_file: KeyFileOpt = None,
+    grid: GridOpt = "default",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key.")] = False,
+) -> None:
+    """Create a new grid key (256 bits, mode 0600). Copy it to every node of the grid."""
+    check_grid(grid)
+    path = key_file or default_key_file()
+    key = GridKey.generate()
+    try:
+        key.write(path, overwrite=force)
+    except GridKeyError as e:
+        raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot write {path}: {e.strerror}") from None
+    out.print(f"grid key [bold]{key.key_id}[/] written to [bold]{path}[/]")
+    out.print(
+        "Copy this file to the same place on every desktop of the grid (or point --key-file at it); "
+        "anyone holding it can join the grid and submit jobs."
+    )
+
+
+# ------------------------------------------------------------------ node ----
+
+
+def parse_tags(tags: list[str]) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for t in tags:
+        k, sep, v = t.partition("=")
+        if not CAP_RE.match(t) or not k:
+            raise fail(f"bad tag {t!r}: use KEY or KEY=VALUE with letters, digits and . _ + - (: / in values)")
+        parsed[k] = v if sep else ""
+    return parsed
+
+
+@app.command()
+def node(
+    key_file: KeyFileOpt = None,
+    grid: GridOpt = "default",
+    state_dir: StateDirOpt = None,
+    interface: InterfaceOpt = None,
+    cpus: Annotated[int | None, typer.Option(help="CPUs lent to the grid [default: all].", min=1)] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory lent, e.g. 4G [default: half of RAM].")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Capability KEY=VALUE (repeatable).")] = None,
+    port: Annotated[int, typer.Option(help="Control port (0: any free port).", min=0, max=65535)] = 0,
+    name: Annotated[str | None, typer.Option(help="Name shown in the grid [default: the host name].")] = None,
+    owner_cpu: Annotated[
+        float, typer.Option(help="Owner policy: leave the grid when non-grid CPU use (%) stays above this. "
+                            "100 turns the policy off.", min=0, max=100)
+    ] = 25.0,
+    owner_busy_after: Annotated[
+        float, typer.Option(help="...for this many seconds.", min=0)
+    ] = 60.0,
+    owner_free_after: Annotated[
+        float, typer.Option(help="Come back after the owner's use stayed below the threshold this long (s).", min=0)
+    ] = 300.0,
+    sample_interval: Annotated[float, typer.Option(help="Seconds between load samples.", min=0.1)] = 2.0,
+    announce_interval: Annotated[
+        float, typer.Option(help="Minimum seconds between resource re-announcements.", min=0.0)
+    ] = 10.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
+    from .mdns import DuplicateNodeId
+    from .node import NodeConfig, NodeDaemon, safe_hostname
+
+    setup_logging(log_level)
+    check_grid(grid)
+    key = load_key(key_file)
+    machine_cpus = psutil.cpu_count() or 1
+    if cpus is not None and cpus > machine_cpus:
+        raise fail(f"--cpus {cpus}: this machine has {machine_cpus}")
+    try:
+        memory_mib = parse_size(memory) >> 20 if memory else default_memory_mib()
+        owner = OwnerPolicy(owner_cpu, owner_busy_after, owner_free_after)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    config = NodeConfig(
+        grid=grid,
+        key=key,
+        state_dir=state_dir or default_state_dir(),
+        addresses=addresses_for(interface),
+        cpus=cpus or machine_cpus,
+        memory_mib=memory_mib,
+        caps=probe_capabilities(parse_tags(tag or [])),
+        owner=owner,
+        throttle=ThrottlePolicy(min_interval=announce_interval),
+        sample_interval=sample_interval,
+        port=port,
+    )
+    if name:
+        config.host = safe_hostname(name)
+    if not config.addresses:
+        raise fail("this machine has no IPv4 address to announce on")
+    try:
+        daemon = NodeDaemon(config)
+        asyncio.run(daemon.run())
+    except DuplicateNodeId as e:
+        raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot start the node: {e}") from None
+
+
+# ----------------------------------------------------------------- nodes ----
+
+
+def _local_status(state_dir: Path, key: GridKey, grid: str) -> dict[str, object] | None:
+    """Ask the node daemon running on this machine for its view, if there is one."""
+    from .envelope import Envelope
+    from .node import NODE_FILE
+    from .wire import request
+
+    try:
+        info = json.loads((state_dir / NODE_FILE).read_text())
+        if info.get("grid") != grid or not psutil.pid_exists(int(info["pid"])):
+            return None
+        reply = asyncio.run(
+            request("127.0.0.1", int(info["port"]), key, grid, Envelope("status", "cli"), timeout=3)
+        )
+    except (TimeoutError, OSError, ValueError, KeyError, TypeError):
+        return None
+    except Exception:  # a refused or garbled answer: browse instead
+        return None
+    return reply.body
+
+
+def _browse_status(grid: str, key: GridKey, addresses: list[str] | None, seconds: float) -> dict[str, object]:
+    from .mdns import browse
+
+    view = asyncio.run(browse(grid, key, addresses, seconds))
+    now = time.time()
+    return {
+        "nodes": [r.to_json(now) for r in view.sorted_nodes()],
+        "ignored": dict(view.ignored_summary()),
+        "dropped": dict(view.dropped),
+    }
+
+
+def _table(status: dict[str, object], source: str) -> Table:
+    nodes = status["nodes"]
+    assert isinstance(nodes, list)
+    table = Table(title=f"{len(nodes)} node(s) — {source}", title_justify="left")
+    for col in ("host", "id", "state", "CE", "cpus", "memory", "load", "capabilities", "age"):
+        table.add_column(col, justify="right" if col in ("cpus", "memory", "load", "age") else "left")
+    colours = {"idle": "green", "worker": "yellow", "coordinator": "bold cyan"}
+    for n in nodes:
+        table.add_row(
+            n["host"], n["id"][:8], f"[{colours[n['state']]}]{n['state']}[/]", n["ce"] or "",
+            f"{n['free_slots']}/{n['cpus']}", format_size(n["memory"]), f"{n['load']:.2f}",
+            ",".join(n["caps"]), f"{n['age']:.0f}s",
+        )
+    ignored = status.get("ignored") or {}
+    if ignored:
+        assert isinstance(ignored, dict)
+        total = sum(ignored.values())
+        table.caption = f"ignored {total} service(s): " + ", ".join(f"{k} {v}" for k, v in sorted(ignored.items()))
+    return table
+
+
+@app.command()
+def nodes(
+    key_file: KeyFileOpt = None,
+    grid: GridOpt = "default",
+    state_dir: StateDirOpt = None,
+    interface: InterfaceOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to browse the network.", min=0.1)] = 2.0,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep a live view (Ctrl-C to stop).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of nodes.")] = False,
+    browse_only: Annotated[
+        bool, typer.Option("--browse", help="Browse mDNS even when a local node daemon could answer.")
+    ] = False,
+) -> None:
+    """Show the live grid: every node of this grid, its state, CE and resources."""
+    check_grid(grid)
+    key = load_key(key_file)
+    sd = state_dir or default_state_dir()
+    addresses = addresses_for(interface) if interface else None
+
+    def look(seconds: float) -> tuple[dict[str, object], str]:
+        if not browse_only:
+            local = _local_status(sd, key, grid)
+            if local is not None:
+                return local, f"view of local node {str(local.get('id', ''))[:8]}"
+        return _browse_status(grid, key, addresses, seconds), f"browsed for {seconds:g}s"
+
+    if watch:
+        status, source = look(timeout)
+        with Live(_table(status, source), console=out, refresh_per_second=2) as live:
+            try:
+                while True:
+                    status, source = look(min(timeout, 1.0))
+                    live.update(_table(status, source))
+            except KeyboardInterrupt:
+                return
+    status, source = look(timeout)
+    if as_json:
+        print(json.dumps(status["nodes"], indent=2))
+        ignored = status.get("ignored") or {}
+        if ignored:
+            err.print(f"ignored: {json.dumps(ignored)}")
+        return
+    out.print(_table(status, source))
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,117 @@
+"""A node's live view of its grid, built from DNS-SD records (sans-I/O).
+
+The mDNS runtime hands every record it resolves to `GridView.offer` and every
+removal to `GridView.remove`. The view keeps, per node, the newest authentic
+announcement, and counts what it ignored and why, so a user can see that a
+hostile or misconfigured host is shouting on the LAN.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from .announcement import Announcement, Rejected, parse_announcement
+from .gridkey import GridKey
+
+log = logging.getLogger(__name__)
+
+MAX_IGNORED = 1024  # distinct ignored services remembered; a flood cannot grow memory
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    ann: Announcement
+    addresses: tuple[str, ...]
+    port: int
+    first_seen: float
+    last_update: float
+
+    def to_json(self, now: float) -> dict[str, object]:
+        a = self.ann
+        return {
+            "id": a.node_id,
+            "host": a.host,
+            "addresses": list(self.addresses),
+            "port": self.port,
+            "state": a.role.value,
+            "grid": a.grid,
+            "cpus": a.cpus,
+            "memory": a.memory_mib << 20,
+            "free_slots": a.free_slots,
+            "free_memory": a.free_memory_mib << 20,
+            "load": a.load,
+            "os": a.os,
+            "arch": a.arch,
+            "caps": list(a.caps),
+            "ce": a.ce,
+            "coordinator": a.coordinator,
+            "epoch": a.epoch,
+            "bus": a.bus,
+            "data": a.data,
+            "age": round(now - self.first_seen, 1),
+        }
+
+
+class GridView:
+    def __init__(self, grid: str, key: GridKey) -> None:
+        self.grid = grid
+        self.key = key
+        self.nodes: dict[str, NodeRecord] = {}
+        # instance name -> node id, to remove the right node on a goodbye
+        self._instances: dict[str, str] = {}
+        self.ignored: dict[str, str] = {}  # instance name -> reason (distinct services)
+        self.dropped: Counter[str] = Counter()  # every dropped record, by reason
+
+    def offer(
+        self,
+        service_type: str,
+        instance_name: str,
+        txt: dict[bytes, bytes | None],
+        addresses: tuple[str, ...],
+        port: int,
+        now: float,
+    ) -> NodeRecord | None:
+        """Take one resolved record; return the node's record if the view changed."""
+        try:
+            ann = parse_announcement(service_type, instance_name, txt, self.key, self.grid, int(now * 1000))
+        except Rejected as r:
+            self._drop(instance_name, r.reason, r.detail)
+            return None
+        old = self.nodes.get(ann.node_id)
+        if old is not None and ann.timestamp_ms < old.ann.timestamp_ms:
+            # An older signed record than the one we hold: a replay, or a
+            # straggler from before a state change. Never go back in time.
+            self._drop(instance_name, "replayed", ann.node_id)
+            return None
+        self.ignored.pop(instance_name, None)
+        rec = NodeRecord(ann, addresses, port, old.first_seen if old else now, now)
+        self.nodes[ann.node_id] = rec
+        self._instances[instance_name] = ann.node_id
+        return rec
+
+    def remove(self, instance_name: str) -> NodeRecord | None:
+        """A goodbye (or expiry) for one service; the node goes only if that was its current one."""
+        self.ignored.pop(instance_name, None)
+        node_id = self._instances.pop(instance_name, None)
+        rec = self.nodes.get(node_id) if node_id else None
+        if rec is not None and rec.ann.instance_name == instance_name:
+            del self.nodes[rec.ann.node_id]
+            return rec
+        return None
+
+    def _drop(self, instance_name: str, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self.ignored.get(instance_name) != reason:
+            level = logging.DEBUG if reason == "other-grid" else logging.WARNING
+            log.log(level, "ignoring %s: %s %s", instance_name[:80], reason, detail)
+        if instance_name not in self.ignored and len(self.ignored) >= MAX_IGNORED:
+            del self.ignored[next(iter(self.ignored))]
+        self.ignored[instance_name] = reason
+
+    def ignored_summary(self) -> Counter[str]:
+        return Counter(self.ignored.values())
+
+    def sorted_nodes(self) -> list[NodeRecord]:
+        return sorted(self.nodes.values(), key=lambda r: (r.ann.host, r.ann.node_id))

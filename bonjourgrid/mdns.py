@@ -1,0 +1,190 @@
+"""The node's one DNS-SD service and its browser of the grid (python-zeroconf, asyncio API).
+
+mDNS here is for discovery and announcements only. A host that dies without a
+goodbye stays in every cache for a long time, so liveness is judged
+elsewhere (the CE bus heartbeats), never from these records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from zeroconf import DNSQuestionType, IPVersion, NonUniqueNameException, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from .announcement import SERVICE_TYPES, Announcement
+from .gridkey import GridKey
+from .gridview import GridView, NodeRecord
+
+log = logging.getLogger(__name__)
+
+RESOLVE_TIMEOUT_MS = 3000
+MAX_PARALLEL_RESOLVES = 32
+
+
+def open_zeroconf(addresses: list[str] | None) -> AsyncZeroconf:
+    if addresses:
+        return AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
+    return AsyncZeroconf(ip_version=IPVersion.V4Only)
+
+
+class DuplicateNodeId(RuntimeError):
+    pass
+
+
+class Publisher:
+    """Keeps exactly one service registered: replacing it sends a goodbye for the old one."""
+
+    def __init__(self, azc: AsyncZeroconf, key: GridKey, addresses: list[str], port: int) -> None:
+        self.azc = azc
+        self.key = key
+        self.addresses = addresses
+        self.port = port
+        self.current: AsyncServiceInfo | None = None
+        self._probed = False
+        self._lock = asyncio.Lock()
+
+    def _info(self, ann: Announcement) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
+            ann.service_type,
+            ann.instance_name,
+            port=self.port,
+            properties=ann.to_txt(self.key),
+            server=f"bg-{ann.node_id}.local.",
+            parsed_addresses=self.addresses,
+        )
+
+    async def publish(self, ann: Announcement) -> None:
+        async with self._lock:
+            info = self._info(ann)
+            if self.current is not None and self.current.type == info.type:
+                self.current = info
+                await self.azc.async_update_service(info)
+                return
+            await self._withdraw()
+            try:
+                # Probe once, at start, to catch a cloned desktop with a copied
+                # node id; later state changes reuse the proven-unique name.
+                await self.azc.async_register_service(info, cooperating_responders=self._probed)
+            except NonUniqueNameException:
+                raise DuplicateNodeId(
+                    f"another host already announces node id {ann.node_id}: was this machine cloned "
+                    "with its state directory? Remove node-id in the state directory of one of them."
+                ) from None
+            self._probed = True
+            self.current = info
+
+    async def withdraw(self, wait: bool = False) -> None:
+        """Goodbye for the current service; `wait` until all goodbyes are sent (at exit)."""
+        async with self._lock:
+            await self._withdraw(wait)
+
+    async def _withdraw(self, wait: bool = False) -> None:
+        if self.current is not None:
+            info, self.current = self.current, None
+            sent = await self.azc.async_unregister_service(info)
+            if wait:
+                await sent
+
+
+class Browser:
+    """Browses the three state services and keeps a GridView up to date."""
+
+    def __init__(
+        self,
+        azc: AsyncZeroconf,
+        view: GridView,
+        on_change: Callable[[str, NodeRecord | None], None] | None = None,
+    ) -> None:
+        self.azc = azc
+        self.view = view
+        self.on_change = on_change
+        self._browser: AsyncServiceBrowser | None = None
+        self._pending: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # updated while being resolved: read once more
+        self._slots = asyncio.Semaphore(MAX_PARALLEL_RESOLVES)
+
+    async def start(self) -> None:
+        # Multicast (QM) questions only: with unicast (QU) ones, the answer goes
+        # to whichever process on this host holds port 5353 first (the node
+        # daemon, say), and a second browser on the same host hears nothing.
+        self._browser = AsyncServiceBrowser(
+            self.azc.zeroconf,
+            list(SERVICE_TYPES.values()),
+            handlers=[self._on_state_change],
+            question_type=DNSQuestionType.QM,
+        )
+
+    async def stop(self) -> None:
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        for task in self._pending.values():
+            task.cancel()
+
+    def _on_state_change(
+        self, zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        if state_change is ServiceStateChange.Removed:
+            task = self._pending.pop(name, None)
+            self._again.discard(name)
+            if task:
+                task.cancel()
+            rec = self.view.remove(name)
+            if rec is not None and self.on_change:
+                self.on_change("removed", rec)
+            return
+        if name in self._pending:
+            self._again.add(name)  # one resolution per name at a time
+            return
+        if len(self._pending) >= 4 * MAX_PARALLEL_RESOLVES:
+            self.view.dropped["flood"] += 1
+            return
+        self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        try:
+            async with self._slots:
+                info = AsyncServiceInfo(service_type, name)
+                if not info.load_from_cache(self.azc.zeroconf) and not await info.async_request(
+                    self.azc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM
+                ):
+                    self.view.dropped["unresolved"] += 1
+                    return
+                rec = self.view.offer(
+                    service_type,
+                    name,
+                    dict(info.properties),
+                    tuple(info.parsed_addresses(IPVersion.V4Only)),
+                    info.port or 0,
+                    time.time(),
+                )
+                if rec is not None and self.on_change:
+                    self.on_change("updated", rec)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a hostile record must never take the node down
+            self.view.dropped["error"] += 1
+            log.exception("could not read the announcement %s", name[:80])
+        finally:
+            if self._pending.get(name) is asyncio.current_task():
+                del self._pending[name]
+                if name in self._again:
+                    self._again.discard(name)
+                    self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
+
+
+async def browse(grid: str, key: GridKey, addresses: list[str] | None, seconds: float) -> GridView:
+    """A one-off look at the grid: browse for `seconds`, return what was seen."""
+    azc = open_zeroconf(addresses)
+    view = GridView(grid, key)
+    browser = Browser(azc, view)
+    try:
+        await browser.start()
+        await asyncio.sleep(seconds)
+    finally:
+        await browser.stop()
+        await azc.async_close()
+    return view

@@ -1,0 +1,269 @@
+"""The node daemon: carries out what the state machine decides (asyncio, zeroconf, psutil).
+
+Nothing here decides a transition: events (owner load, control requests,
+timers, signals) are fed to `NodeMachine`, and its actions are executed in
+order. That keeps this file about I/O only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import nodestate as ns
+from .announcement import HOST_RE, Announcement, Role
+from .envelope import BadMessage, Envelope, Opener, seal
+from .gridkey import GridKey
+from .gridview import GridView
+from .mdns import Browser, Publisher, open_zeroconf
+from .ownerpolicy import OwnerMonitor, OwnerPolicy
+from .resources import AnnounceThrottle, ResourceProbe, Resources, ThrottlePolicy
+from .wire import frame, read_frame
+
+log = logging.getLogger("bonjourgrid.node")
+
+NODE_FILE = "node.json"  # where a running daemon says how to reach it locally
+
+
+@dataclass
+class NodeConfig:
+    grid: str
+    key: GridKey
+    state_dir: Path
+    addresses: list[str]
+    cpus: int
+    memory_mib: int
+    caps: tuple[str, ...] = ()
+    owner: OwnerPolicy = field(default_factory=OwnerPolicy)
+    throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
+    sample_interval: float = 2.0
+    port: int = 0
+    host: str = field(default_factory=lambda: safe_hostname(socket.gethostname()))
+
+
+def safe_hostname(name: str) -> str:
+    """The host label as announced: DNS-safe, short."""
+    label = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split(".")[0])[:63] or "node"
+    return label if HOST_RE.match(label) else f"n{label}"[:63]
+
+
+def load_node_id(state_dir: Path) -> str:
+    """Created once, then kept: the node's identity across restarts."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "node-id"
+    try:
+        node_id = path.read_text().strip()
+        if len(node_id) == 16 and all(c in "0123456789abcdef" for c in node_id):
+            return node_id
+        log.warning("%s is corrupt; creating a new node id", path)
+    except FileNotFoundError:
+        pass
+    node_id = secrets.token_hex(8)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    os.replace(tmp, path)
+    return node_id
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.node_id = load_node_id(config.state_dir)
+        self.machine = ns.NodeMachine(self.node_id)
+        self.view = GridView(config.grid, config.key)
+        self.monitor = OwnerMonitor(config.owner)
+        self.probe = ResourceProbe(config.cpus, config.memory_mib)
+        self.throttle = AnnounceThrottle(config.throttle, config.memory_mib)
+        self.opener = Opener(config.key, config.grid)
+        self.resources = Resources(config.cpus, config.memory_mib, 0.0)
+        self.busy_slots = 0
+        self._stop = asyncio.Event()
+        self._publisher: Publisher | None = None
+        self._server: asyncio.Server | None = None
+        self.port = config.port
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        azc = open_zeroconf(cfg.addresses)
+        self._server = await asyncio.start_server(self._serve_client, host=None, port=cfg.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._publisher = Publisher(azc, cfg.key, cfg.addresses, self.port)
+        browser = Browser(azc, self.view, self._on_view_change)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        node_file = cfg.state_dir / NODE_FILE
+        try:
+            self.resources, _ = self.probe.sample(time.monotonic())
+            await self._execute(self.machine.start())
+            self.throttle.announced(self.resources, time.monotonic())
+            await browser.start()
+            self._write_node_file(node_file)
+            log.info(
+                "node %s (%s) up on %s, control port %d, grid %r, lending %d cpus / %d MiB",
+                self.node_id, cfg.host, ", ".join(cfg.addresses), self.port, cfg.grid, cfg.cpus, cfg.memory_mib,
+            )
+            sampler = asyncio.ensure_future(self._sample_forever())
+            await self._stop.wait()
+            sampler.cancel()
+            log.info("stopping: withdrawing the service")
+            await self._execute(self.machine.handle(ns.Shutdown()))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                node_file.unlink()
+            await browser.stop()
+            self._server.close()
+            await azc.async_close()
+
+    def _write_node_file(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"node_id": self.node_id, "pid": os.getpid(), "port": self.port,
+                                   "grid": self.config.grid}))
+        os.replace(tmp, path)
+
+    # -- events in ------------------------------------------------------------
+
+    async def feed(self, event: ns.Event) -> list[ns.Action]:
+        actions = self.machine.handle(event)
+        await self._execute(actions)
+        return actions
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sample_interval)
+            try:
+                await self._sample_once()
+            except Exception:  # a probe hiccup must not stop the node
+                log.exception("resource sampling failed")
+
+    async def _sample_once(self) -> None:
+        now = time.monotonic()
+        self.resources, owner_cpu = self.probe.sample(now, self.busy_slots)
+        verdict = self.monitor.observe(now, owner_cpu)
+        if verdict is True:
+            log.info("owner busy (%.0f%% CPU outside the grid): leaving the grid", owner_cpu)
+            await self.feed(ns.OwnerBusy())
+        elif verdict is False:
+            log.info("owner idle again (%.0f%% CPU): offering this node", owner_cpu)
+            await self.feed(ns.OwnerFree())
+        await self.feed(ns.Tick(now))
+        if self.throttle.should_announce(self.resources, now):
+            await self.feed(ns.ResourcesChanged())
+
+    def _on_view_change(self, what: str, rec: object) -> None:
+        log.debug("grid view %s: %s", what, rec)
+
+    # -- actions out ----------------------------------------------------------
+
+    async def _execute(self, actions: list[ns.Action]) -> None:
+        assert self._publisher is not None
+        for action in actions:
+            match action:
+                case ns.Publish():
+                    await self._publisher.publish(self._announcement(action))
+                    self.throttle.announced(self.resources, time.monotonic())
+                    log.info("now %s%s", action.role.value, f" of CE {action.ce}" if action.ce else "")
+                case ns.RefreshResources():
+                    svc = self.machine.state.service()
+                    if svc is not None:
+                        await self._publisher.publish(self._announcement(svc))
+                        self.throttle.announced(self.resources, time.monotonic())
+                case ns.Withdraw():
+                    await self._publisher.withdraw()
+                    log.info("service withdrawn")
+                case ns.Stopped():
+                    await self._publisher.withdraw(wait=True)
+                case ns.LeftCE(ce=ce, reason=reason):
+                    log.info("left CE %s: %s", ce, reason)
+                case ns.Refused(ce=ce, reason=reason):
+                    log.info("refused CE %s: %s", ce, reason)
+                case _:
+                    log.debug("action %s", action)
+
+    def _announcement(self, svc: ns.Publish) -> Announcement:
+        cfg, res = self.config, self.resources
+        return Announcement(
+            grid=cfg.grid,
+            node_id=self.node_id,
+            host=cfg.host,
+            role=svc.role,
+            cpus=cfg.cpus,
+            memory_mib=cfg.memory_mib,
+            free_slots=res.free_slots,
+            free_memory_mib=res.free_memory_mib,
+            load=res.load,
+            os=platform.system().lower() or "unknown",
+            arch=platform.machine() or "unknown",
+            caps=cfg.caps,
+            ce=svc.ce,
+            coordinator=svc.coordinator,
+            epoch=svc.epoch if svc.role is not Role.IDLE else None,
+            bus=svc.bus,
+            data=svc.data,
+            timestamp_ms=int(time.time() * 1000),
+        )
+
+    # -- control channel ------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        s = self.machine.state
+        now = time.time()
+        return {
+            "id": self.node_id,
+            "host": self.config.host,
+            "grid": self.config.grid,
+            "state": s.role.value,
+            "owner_busy": s.owner_busy,
+            "ce": s.ce,
+            "epoch": s.epoch,
+            "port": self.port,
+            "nodes": [r.to_json(now) for r in self.view.sorted_nodes()],
+            "ignored": dict(self.view.ignored_summary()),
+            "dropped": dict(self.view.dropped),
+        }
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(read_frame(reader), timeout=60)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                try:
+                    req = self.opener.open(data, time.time())
+                except BadMessage as e:
+                    log.warning("refused a control message from %s: %s", peer, e)
+                    return
+                body = await self._answer(req)
+                body["re"] = req.nonce
+                reply = Envelope(kind=f"{req.kind}.reply", sender=self.node_id, body=body)
+                writer.write(frame(seal(self.config.key, self.config.grid, reply, time.time())))
+                await writer.drain()
+        except BadMessage as e:
+            log.warning("dropped a control connection from %s: %s", peer, e)
+        except Exception:
+            log.exception("control connection from %s failed", peer)
+        finally:
+            writer.close()
+
+    async def _answer(self, req: Envelope) -> dict[str, object]:
+        if req.kind == "status":
+            return self.status()
+        return {"error": f"unknown request {req.kind!r}"}
