@@ -1,0 +1,52 @@
+import time
+
+from bonjourgrid.announcement import Announcement, Role
+from bonjourgrid.gridkey import GridKey
+from bonjourgrid.gridview import MAX_IGNORED, GridView
+
+KEY = GridKey.generate()
+
+
+def ann(role=Role.IDLE, ts=None, node_id="0123456789abcdef", **kw):
+    return Announcement(grid="lab", node_id=node_id, host="pc", role=role, cpus=2, memory_mib=100, free_slots=2,
+                        free_memory_mib=100, load=0.0, os="linux", arch="x86_64",
+                        timestamp_ms=ts or int(time.time() * 1000), **kw)
+
+
+def offer(view, a, key=KEY):
+    raw = {k.encode(): v.encode() for k, v in a.to_txt(key).items()}
+    return view.offer(a.service_type, a.instance_name, raw, ("10.0.0.1",), 4000, time.time())
+
+
+def test_state_change_and_goodbye_of_the_old_service():
+    v = GridView("lab", KEY)
+    idle = ann()
+    offer(v, idle)
+    worker = ann(Role.WORKER, ts=idle.timestamp_ms + 1, ce="c1", coordinator="fedcba9876543210", epoch=1)
+    offer(v, worker)
+    assert v.nodes[idle.node_id].ann.role is Role.WORKER
+    assert v.remove(idle.instance_name) is None  # the Idle goodbye arrives late: node stays
+    assert idle.node_id in v.nodes
+    assert v.remove(worker.instance_name) is not None
+    assert v.nodes == {}
+
+
+def test_replayed_older_record_never_wins():
+    v = GridView("lab", KEY)
+    new = ann(Role.WORKER, ce="c1", coordinator="fedcba9876543210", epoch=1)
+    offer(v, new)
+    assert offer(v, ann(ts=new.timestamp_ms - 1000)) is None
+    assert v.nodes[new.node_id].ann.role is Role.WORKER
+    assert v.dropped["replayed"] == 1
+
+
+def test_ignored_services_are_counted_once_per_service_and_bounded():
+    v = GridView("lab", KEY)
+    other = GridKey.generate()
+    for _ in range(3):
+        offer(v, ann(node_id="1111111111111111"), key=other)
+    assert v.ignored_summary() == {"wrong-key": 1}
+    assert v.dropped["wrong-key"] == 3
+    for i in range(MAX_IGNORED + 50):
+        offer(v, ann(node_id=f"{i:016x}"), key=other)
+    assert len(v.ignored) == MAX_IGNORED
