@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from zeroconf import DNSQuestionType, IPVersion, NonUniqueNameException, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -45,6 +45,7 @@ class Publisher:
         self.port = port
         self.current: AsyncServiceInfo | None = None
         self._probed = False
+        self._goodbyes: list[Awaitable[object]] = []
         self._lock = asyncio.Lock()
 
     def _info(self, ann: Announcement) -> AsyncServiceInfo:
@@ -77,17 +78,21 @@ class Publisher:
             self._probed = True
             self.current = info
 
-    async def withdraw(self, wait: bool = False) -> None:
-        """Goodbye for the current service; `wait` until all goodbyes are sent (at exit)."""
+    async def withdraw(self) -> None:
+        """Goodbye for the current service."""
         async with self._lock:
-            await self._withdraw(wait)
+            await self._withdraw()
 
-    async def _withdraw(self, wait: bool = False) -> None:
+    async def flush(self) -> None:
+        """Wait until every goodbye is on the wire (before closing the socket at exit)."""
+        while self._goodbyes:
+            await self._goodbyes.pop()
+
+    async def _withdraw(self) -> None:
         if self.current is not None:
             info, self.current = self.current, None
-            sent = await self.azc.async_unregister_service(info)
-            if wait:
-                await sent
+            self._goodbyes = [g for g in self._goodbyes if not g.done()]
+            self._goodbyes.append(await self.azc.async_unregister_service(info))
 
 
 class Browser:

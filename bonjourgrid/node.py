@@ -24,7 +24,7 @@ from . import nodestate as ns
 from .announcement import HOST_RE, Announcement, Role
 from .envelope import BadMessage, Envelope, Opener, seal
 from .gridkey import GridKey
-from .gridview import GridView
+from .gridview import GridView, NodeRecord
 from .mdns import Browser, Publisher, open_zeroconf
 from .ownerpolicy import OwnerMonitor, OwnerPolicy
 from .resources import AnnounceThrottle, ResourceProbe, Resources, ThrottlePolicy
@@ -166,8 +166,11 @@ class NodeDaemon:
         if self.throttle.should_announce(self.resources, now):
             await self.feed(ns.ResourcesChanged())
 
-    def _on_view_change(self, what: str, rec: object) -> None:
-        log.debug("grid view %s: %s", what, rec)
+    def _on_view_change(self, what: str, rec: NodeRecord | None) -> None:
+        if rec is not None:
+            a = rec.ann
+            log.info("grid: %s %s (%s) %s%s", what, a.host, a.node_id[:8], a.role.value,
+                     f" of CE {a.ce}" if a.ce else "")
 
     # -- actions out ----------------------------------------------------------
 
@@ -188,7 +191,7 @@ class NodeDaemon:
                     await self._publisher.withdraw()
                     log.info("service withdrawn")
                 case ns.Stopped():
-                    await self._publisher.withdraw(wait=True)
+                    await self._publisher.flush()
                 case ns.LeftCE(ce=ce, reason=reason):
                     log.info("left CE %s: %s", ce, reason)
                 case ns.Refused(ce=ce, reason=reason):
