@@ -361,7 +361,10 @@ class Journal:
         self._lock_fd = lock_fd
         self._mutex = threading.RLock()
         self._depth = 0  # nesting of batch()/mutations; 0 means no open transaction
-        self._sp = 0  # savepoint counter
+        # Cached last seq and epoch (None = unknown): safe because the flock makes this the only writer;
+        # dropped on every rollback.
+        self._seq: int | None = None
+        self._ep: int | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -457,11 +460,20 @@ class Journal:
             except BaseException:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._conn.execute("ROLLBACK")
+                    self._rollback()
                 raise
             self._depth -= 1
             if self._depth == 0:
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("COMMIT")
+                except BaseException:  # e.g. disk full or I/O error: nothing of the batch is kept
+                    self._rollback()
+                    raise
+
+    def _rollback(self) -> None:
+        self._seq = self._ep = None
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def _atomic(self) -> Iterator[None]:
@@ -473,25 +485,25 @@ class Journal:
                 with self.batch():
                     yield
                 return
-            self._sp += 1
-            name = f"op{self._sp}"
-            self._conn.execute(f"SAVEPOINT {name}")
+            # One fixed name keeps the statements in sqlite3's cache; savepoints of a name nest.
+            self._conn.execute("SAVEPOINT op")
             try:
                 yield
             except BaseException:
-                self._conn.execute(f"ROLLBACK TO {name}")
-                self._conn.execute(f"RELEASE {name}")
+                self._seq = self._ep = None
+                self._conn.execute("ROLLBACK TO op")
+                self._conn.execute("RELEASE op")
                 raise
-            self._conn.execute(f"RELEASE {name}")
+            self._conn.execute("RELEASE op")
 
     def _emit(self, payload: dict[str, Any]) -> None:
         """Apply a logical change to the tables and append it to the change log (inside _atomic)."""
         text = _canon(payload)
         # Apply the decoded text, exactly what a replica will see: both store identical values.
         self._apply_payload(json.loads(text))
-        self._conn.execute(
-            "INSERT INTO changes (seq, epoch, payload) VALUES (?, ?, ?)", (self._last_seq() + 1, self._epoch(), text)
-        )
+        seq = self._last_seq() + 1
+        self._conn.execute("INSERT INTO changes (seq, epoch, payload) VALUES (?, ?, ?)", (seq, self._epoch(), text))
+        self._seq = seq
 
     # ------------------------------------------------------------------ jobs
 
@@ -717,10 +729,14 @@ class Journal:
     # ----------------------------------------------------------- replication
 
     def _last_seq(self) -> int:
-        return self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        if self._seq is None:
+            self._seq = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        return self._seq
 
     def _epoch(self) -> int:
-        return int(self._conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+        if self._ep is None:
+            self._ep = int(self._conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+        return self._ep
 
     def last_seq(self) -> int:
         """Seq of the newest change held (0 for an empty journal)."""
@@ -742,6 +758,7 @@ class Journal:
 
     def _set_epoch(self, epoch: int) -> None:
         self._conn.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))
+        self._ep = epoch
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
         """Changes with seq > ``seq``, oldest first, at most ``limit`` of them."""
@@ -780,6 +797,7 @@ class Journal:
                 self._conn.execute(
                     "INSERT INTO changes (seq, epoch, payload) VALUES (?, ?, ?)", (ch.seq, ch.epoch, text)
                 )
+                self._seq = ch.seq
                 applied += 1
         return applied
 

@@ -383,7 +383,8 @@ def random_ops(j: Journal, rng: random.Random, n_ops: int, prefix: str, t0: floa
         elif r < 0.75:
             attempt = max(1, task.attempts - rng.randint(0, 1))
             err = rng.randbytes(rng.randint(0, 40))
-            j.record_failure(job_id, task.index, res(task.node_id or node, attempt, 1, err), max_failures=rng.choice([1, 2, 3]))
+            report = res(task.node_id or node, attempt, 1, err)
+            j.record_failure(job_id, task.index, report, max_failures=rng.choice([1, 2, 3]))
         elif r < 0.85:
             j.requeue(job_id, task.index, "timeout", attempt=rng.choice([None, task.attempts]))
         elif r < 0.90:
