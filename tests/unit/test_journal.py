@@ -1,0 +1,478 @@
+"""The coordinator journal on real SQLite files: exactly-once results, retries, durability, replication."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bonjourgrid.journal import (
+    Change,
+    FailureOutcome,
+    InvalidTransitionError,
+    JobConflictError,
+    Journal,
+    JournalDivergenceError,
+    JournalGapError,
+    JournalLockedError,
+    OutputFile,
+    ResultRecord,
+    SchemaVersionError,
+    StaleEpochError,
+    UnknownTaskError,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def res(node: str = "n1", attempt: int = 1, code: int = 0, stderr: bytes = b"", stdout: bytes = b"out") -> ResultRecord:
+    return ResultRecord(
+        exit_code=code,
+        started_at=10.0,
+        finished_at=12.5,
+        node_id=node,
+        attempt=attempt,
+        stdout=stdout,
+        stderr=stderr,
+        outputs=(OutputFile("out/a.txt", 3, "ab" * 32),),
+        extra={"cpu_s": 1.25},
+    )
+
+
+@pytest.fixture
+def journal(tmp_path: Path):
+    j = Journal.open(tmp_path / "ce.db")
+    yield j
+    j.close()
+
+
+def make_job(j: Journal, job_id: str = "job1", n: int = 4) -> None:
+    j.create_job(job_id, {"cmd": ["echo", "hi"]}, [{"arg": i} for i in range(n)], submitter="alice", created_at=1.0)
+
+
+# ------------------------------------------------------------- opening ----
+
+
+def test_open_uses_wal_full_sync_and_a_schema_version(journal: Journal) -> None:
+    conn = journal._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+    assert journal.epoch() == 1
+    assert journal.last_seq() == 0
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "ce.db"
+    Journal.open(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (99, 0)")
+    with pytest.raises(SchemaVersionError, match="v99"):
+        Journal.open(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 99
+    Path(f"{path}.lock").unlink()  # the lock is released even when open fails
+    with pytest.raises(SchemaVersionError):
+        Journal.open(path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE something (x)")
+    with pytest.raises(SchemaVersionError, match="not a BonjourGrid journal"):
+        Journal.open(path)
+
+
+def test_one_journal_per_file(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path / "ce.db")
+    with pytest.raises(JournalLockedError):
+        Journal.open(tmp_path / "ce.db")
+    j.close()
+    Journal.open(tmp_path / "ce.db").close()
+
+
+# ---------------------------------------------------------------- jobs ----
+
+
+def test_create_job_is_idempotent_and_detects_conflicts(journal: Journal) -> None:
+    make_job(journal)
+    seq = journal.last_seq()
+    make_job(journal)  # resubmission after a lost ack
+    assert journal.last_seq() == seq
+    with pytest.raises(JobConflictError):
+        journal.create_job("job1", {"cmd": ["other"]}, [{"arg": 0}], submitter="alice", created_at=1.0)
+    job = journal.job("job1")
+    assert job is not None
+    assert job.state == "running" and job.n_tasks == 4 and job.submitter == "alice"
+    assert job.counts == {"pending": 4, "running": 0, "done": 0, "failed": 0}
+    assert journal.job("nope") is None
+    assert [t.spec for t in journal.tasks("job1")] == [{"arg": i} for i in range(4)]
+
+
+def test_job_state_and_counts(journal: Journal) -> None:
+    make_job(journal, n=2)
+    for i in range(2):
+        a = journal.mark_running("job1", i, "n1", 2.0)
+        journal.record_result("job1", i, res(attempt=a))
+    job = journal.job("job1")
+    assert job is not None and job.settled and job.counts["done"] == 2
+    journal.set_job_state("job1", "done", at=9.0)
+    job = journal.job("job1")
+    assert job is not None and job.state == "done" and job.finished_at == 9.0
+    with pytest.raises(ValueError):
+        journal.set_job_state("job1", "exploded", at=9.0)
+    make_job(journal, "job2", n=1)
+    assert [j.job_id for j in journal.jobs()] == ["job1", "job2"]
+
+
+# --------------------------------------------------------------- tasks ----
+
+
+def test_exactly_once_results(journal: Journal) -> None:
+    make_job(journal)
+    a1 = journal.mark_running("job1", 0, "n1", 2.0)
+    assert a1 == 1
+    assert journal.record_result("job1", 0, res("n1", a1)) is True
+    seq = journal.last_seq()
+    # the same result again, and a result from another (duplicate) execution: both refused
+    assert journal.record_result("job1", 0, res("n1", a1)) is False
+    assert journal.record_result("job1", 0, res("n2", 7, stdout=b"other")) is False
+    assert journal.record_failure("job1", 0, res("n2", 2, code=1), max_failures=3) is FailureOutcome.IGNORED
+    assert journal.last_seq() == seq
+    stored = journal.result("job1", 0)
+    assert stored == res("n1", a1)
+    assert journal.task("job1", 0).state == "done"
+    with pytest.raises(InvalidTransitionError):
+        journal.mark_running("job1", 0, "n3", 3.0)
+    assert journal.result("job1", 1) is None
+
+
+def test_late_result_of_an_old_attempt_is_accepted_once(journal: Journal) -> None:
+    make_job(journal)
+    journal.mark_running("job1", 0, "n1", 1.0)
+    journal.requeue("job1", 0, "worker lost")
+    journal.mark_running("job1", 0, "n2", 2.0)
+    assert journal.record_result("job1", 0, res("n1", 1)) is True  # the lost worker came back first
+    assert journal.record_result("job1", 0, res("n2", 2)) is False
+    assert journal.result("job1", 0) == res("n1", 1)
+    assert [i for i, _ in journal.results("job1")] == [0]
+
+
+def test_requeue_semantics(journal: Journal) -> None:
+    make_job(journal)
+    assert journal.mark_running("job1", 1, "n1", 1.0) == 1
+    assert journal.requeue("job1", 1, "worker lost") is True
+    t = journal.task("job1", 1)
+    assert (t.state, t.node_id, t.attempts, t.failures) == ("pending", None, 1, 0)
+    assert journal.requeue("job1", 1, "again") is False  # already pending
+    assert journal.mark_running("job1", 1, "n2", 2.0) == 2
+    assert journal.requeue("job1", 1, "late timeout of attempt 1", attempt=1) is False
+    assert journal.task("job1", 1).state == "running"
+    journal.record_result("job1", 1, res("n2", 2))
+    assert journal.requeue("job1", 1, "too late") is False  # done stays done
+    assert journal.task("job1", 1).state == "done"
+    assert journal.task("job1", 1).tried_nodes == ("n1", "n2")
+
+    for i in (0, 2, 3):
+        journal.mark_running("job1", i, "n9" if i != 2 else "n8", 3.0)
+    assert journal.requeue_node("job1", "n9", "node left") == [0, 3]
+    assert [t.index for t in journal.pending_tasks("job1", 10)] == [0, 3]
+    assert [t.index for t in journal.pending_tasks("job1", 1)] == [0]
+    assert [t.index for t in journal.tasks("job1", "running")] == [2]
+    with pytest.raises(UnknownTaskError):
+        journal.requeue("job1", 42, "x")
+
+
+def test_failure_and_retry_accounting(journal: Journal) -> None:
+    make_job(journal)
+    # attempt 1 fails -> requeued; attempt 2 lost with its worker -> requeued, not a failure
+    a = journal.mark_running("job1", 0, "n1", 1.0)
+    assert journal.record_failure("job1", 0, res("n1", a, 1, b"e1"), max_failures=2) is FailureOutcome.REQUEUED
+    assert journal.record_failure("job1", 0, res("n1", a, 1, b"e1"), max_failures=2) is FailureOutcome.IGNORED
+    t = journal.task("job1", 0)
+    assert (t.state, t.attempts, t.failures, t.tried_nodes) == ("pending", 1, 1, ("n1",))
+    a = journal.mark_running("job1", 0, "n2", 2.0)
+    journal.requeue_node("job1", "n2", "owner reclaimed the desktop")
+    assert journal.task("job1", 0).failures == 1
+    # attempt 3 fails -> second failure -> failed for good, last stderr kept
+    a = journal.mark_running("job1", 0, "n3", 3.0)
+    assert a == 3
+    assert journal.record_failure("job1", 0, res("n3", a, 2, b"e3"), max_failures=2) is FailureOutcome.FAILED
+    t = journal.task("job1", 0)
+    assert (t.state, t.attempts, t.failures, t.tried_nodes) == ("failed", 3, 2, ("n1", "n2", "n3"))
+    assert [f.stderr for f in journal.failures("job1", 0)] == [b"e1", b"e3"]
+    assert journal.result("job1", 0) is None
+    # failed is final: neither a late success nor more failures change it
+    assert journal.record_result("job1", 0, res("n2", 2)) is False
+    assert journal.record_failure("job1", 0, res("n2", 2, 1), max_failures=2) is FailureOutcome.IGNORED
+    job = journal.job("job1")
+    assert job is not None and job.counts["failed"] == 1
+
+
+def test_failure_of_a_stale_attempt_does_not_disturb_the_running_one(journal: Journal) -> None:
+    make_job(journal)
+    journal.mark_running("job1", 0, "n1", 1.0)
+    journal.requeue("job1", 0, "timeout")
+    journal.mark_running("job1", 0, "n2", 2.0)
+    assert journal.record_failure("job1", 0, res("n1", 1, 1), max_failures=1) is FailureOutcome.COUNTED
+    t = journal.task("job1", 0)
+    assert (t.state, t.node_id, t.failures) == ("running", "n2", 1)
+    assert journal.record_result("job1", 0, res("n2", 2)) is True
+    # a failure reported after its task was requeued (pending) counts and may finish it
+    journal.mark_running("job1", 1, "n1", 1.0)
+    journal.requeue("job1", 1, "worker lost")
+    assert journal.record_failure("job1", 1, res("n1", 1, 1), max_failures=2) is FailureOutcome.COUNTED
+    assert journal.task("job1", 1).state == "pending"
+    journal.mark_running("job1", 1, "n3", 1.0)
+    journal.requeue("job1", 1, "worker lost")
+    assert journal.record_failure("job1", 1, res("n3", 2, 1), max_failures=2) is FailureOutcome.FAILED
+
+
+# ------------------------------------------------------ transactions -----
+
+
+def test_batch_is_one_transaction(journal: Journal) -> None:
+    make_job(journal)
+    with pytest.raises(RuntimeError), journal.batch():
+        journal.mark_running("job1", 0, "n1", 1.0)
+        journal.record_result("job1", 0, res())
+        raise RuntimeError("crash inside the batch")
+    assert journal.task("job1", 0).state == "pending"
+    assert journal.last_seq() == 1
+    with journal.batch():
+        for i in range(4):
+            journal.mark_running("job1", i, "n1", 1.0)
+        with pytest.raises(InvalidTransitionError):  # a refused op inside a batch leaves the rest intact
+            journal.mark_running("job1", 0, "n1", 1.0)
+        with journal.batch():  # nested: joins the outer transaction
+            journal.record_result("job1", 0, res())
+    assert journal.last_seq() == 6
+    assert [c.seq for c in journal.changes_since(0)] == list(range(1, 7))
+
+
+def test_state_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "ce.db"
+    j = Journal.open(path)
+    make_job(j)
+    a = j.mark_running("job1", 0, "n1", 1.0)
+    j.record_result("job1", 0, res("n1", a, stdout=b"\x00\xffbinary"))
+    j.mark_running("job1", 1, "n2", 1.0)
+    j.record_failure("job1", 1, res("n2", 1, 3, b"bad"), max_failures=5)
+    j.bump_epoch()
+    before, seq = j.dump(), j.last_seq()
+    j.close()
+    j = Journal.open(path)
+    assert j.dump() == before
+    assert j.last_seq() == seq and j.epoch() == 2
+    assert j.result("job1", 0) == res("n1", a, stdout=b"\x00\xffbinary")
+    assert j.record_result("job1", 0, res("n1", a)) is False
+    j.close()
+
+
+# ---------------------------------------------------------- durability ----
+
+_CHILD = textwrap.dedent(
+    """
+    import contextlib, os, signal, sys
+    from pathlib import Path
+    from bonjourgrid.journal import Journal, ResultRecord
+    path, n, kill_self_at, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    j = Journal.open(Path(path))
+    j.create_job("job", {}, [{"i": i} for i in range(n)], submitter="s", created_at=0.0)
+    done = 0
+    while done < n:
+        size = min(batch, n - done)
+        with j.batch() if batch > 1 else contextlib.nullcontext():  # batch == 1: plain record_result
+            for i in range(done, done + size):
+                a = j.mark_running("job", i, "w", 1.0)
+                assert j.record_result("job", i, ResultRecord(0, 1.0, 2.0, "w", a, stdout=b"r%d" % i))
+        for i in range(done, done + size):  # acknowledged only once the batch is committed
+            sys.stdout.write(f"{i}\\n")
+        sys.stdout.flush()
+        done += size
+        if kill_self_at >= 0 and done > kill_self_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def _run_child(path: Path, n: int, kill_self_at: int, batch: int, kill_after_acks: int | None) -> set[int]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-c", _CHILD, str(path), str(n), str(kill_self_at), str(batch)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    acked: set[int] = set()
+    for line in proc.stdout:
+        acked.add(int(line))
+        if kill_after_acks is not None and len(acked) >= kill_after_acks:
+            proc.send_signal(signal.SIGKILL)  # asynchronous: lands wherever the child happens to be
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+@pytest.mark.parametrize(
+    ("kill_self_at", "batch", "kill_after_acks"),
+    [(17, 1, None), (40, 10, None), (-1, 1, 25), (-1, 7, 60)],
+    ids=["self-kill-after-result", "self-kill-after-batch", "parent-kill", "parent-kill-batched"],
+)
+def test_acknowledged_results_survive_sigkill(
+    tmp_path: Path, kill_self_at: int, batch: int, kill_after_acks: int | None
+) -> None:
+    path = tmp_path / "ce.db"
+    acked = _run_child(path, 400, kill_self_at, batch, kill_after_acks)
+    assert acked
+    j = Journal.open(path)  # also proves the lock died with the child
+    try:
+        assert j._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {i for i, _ in j.results("job")}
+        assert acked <= stored
+        for i in acked:
+            r = j.result("job", i)
+            assert r is not None and r.stdout == b"r%d" % i
+            assert j.task("job", i).state == "done"
+        # the change log is gapless and consistent with the tables after recovery
+        changes = j.changes_since(0, limit=10_000)
+        assert [c.seq for c in changes] == list(range(1, len(changes) + 1))
+        assert sum(c.op == "result" for c in changes) == len(stored)
+    finally:
+        j.close()
+
+
+# --------------------------------------------------------- replication ----
+
+NODES = [f"n{i}" for i in range(5)]
+
+
+def random_ops(j: Journal, rng: random.Random, n_ops: int, prefix: str, t0: float = 100.0) -> None:
+    """A seeded random but valid workload, with duplicates and stale reports thrown in."""
+    t = t0
+    for _ in range(n_ops):
+        t += rng.random()
+        all_jobs = j.jobs()
+        jobs = [job.job_id for job in all_jobs]
+        r = rng.random()
+        if all(job.settled for job in all_jobs) or r < 0.02:
+            job_id = f"{prefix}-{len(jobs)}"
+            tasks = [{"i": i, "arg": rng.randint(0, 9)} for i in range(rng.randint(3, 12))]
+            j.create_job(job_id, {"cmd": "x", "k": rng.random()}, tasks, submitter="u", created_at=t)
+            continue
+        job_id = rng.choice(jobs)
+        tasks = j.tasks(job_id)
+        running = [t for t in tasks if t.state == "running"]
+        task = rng.choice(running if running and rng.random() < 0.7 else tasks)
+        node = rng.choice(NODES)
+        if r < 0.40:
+            pending = j.pending_tasks(job_id, 3)
+            if pending:
+                j.mark_running(job_id, rng.choice(pending).index, node, t)
+        elif r < 0.60:
+            attempt = max(1, task.attempts - rng.randint(0, 1))
+            out = rng.randbytes(rng.randint(0, 40))
+            j.record_result(job_id, task.index, res(task.node_id or node, attempt, 0, b"", out))
+        elif r < 0.75:
+            attempt = max(1, task.attempts - rng.randint(0, 1))
+            err = rng.randbytes(rng.randint(0, 40))
+            report = res(task.node_id or node, attempt, 1, err)
+            j.record_failure(job_id, task.index, report, max_failures=rng.choice([1, 2, 3]))
+        elif r < 0.85:
+            j.requeue(job_id, task.index, "timeout", attempt=rng.choice([None, task.attempts]))
+        elif r < 0.90:
+            j.requeue_node(job_id, node, "node lost")
+        elif r < 0.95:
+            j.set_job_state(job_id, rng.choice(["running", "done", "failed", "cancelled"]), t)
+        else:
+            job = j.job(job_id)
+            assert job is not None
+            j.create_job(job_id, job.spec, [t.spec for t in tasks], submitter="u", created_at=t)  # duplicate submit
+
+
+def follow(primary: Journal, replica: Journal, rng: random.Random) -> None:
+    """Ship changes in random chunks, over a JSON 'wire', with overlaps (duplicates) and gapped sends."""
+    while replica.last_seq() < primary.last_seq():
+        last = replica.last_seq()
+        kind = rng.random()
+        if kind < 0.15:
+            gapped = primary.changes_since(last + 1, limit=rng.randint(1, 10))
+            if gapped:
+                before = replica.dump()
+                with pytest.raises(JournalGapError):
+                    replica.apply(gapped)
+                assert replica.last_seq() == last and replica.dump() == before
+            continue
+        start = max(0, last - rng.randint(0, 6)) if kind < 0.5 else last
+        chunk = primary.changes_since(start, limit=rng.randint(1, 25))
+        wire = json.loads(json.dumps([c.to_dict() for c in chunk]))
+        applied = replica.apply([Change.from_dict(d) for d in wire])
+        assert applied == replica.last_seq() - last
+        if rng.random() < 0.2:
+            assert replica.apply(chunk) == 0  # a retried send changes nothing
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_replica_converges_and_successor_continues(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    primary = Journal.open(tmp_path / "primary.db")
+    replica = Journal.open(tmp_path / "replica.db")
+    for _ in range(10):
+        with primary.batch():
+            random_ops(primary, rng, 40, "a")
+        follow(primary, replica, rng)
+        assert replica.dump() == primary.dump()
+    assert replica.changes_since(0, 10_000) == primary.changes_since(0, 10_000)
+    n = primary.last_seq()
+    assert n > 80
+    history = primary.changes_since(0, 10_000)
+    assert {c.op for c in history} >= {"job", "running", "result", "failure", "requeue", "job_state"}
+    assert {c.payload["state"] for c in history if c.op == "failure"} == {"pending", "failed", "running"}
+
+    # The primary dies (here: a change it made after the replica's last fetch is never shipped).
+    random_ops(primary, rng, 5, "a", t0=500.0)
+    lost_tail = primary.changes_since(n)
+    primary.close()
+
+    # The replica's journal is reopened as the new primary: epoch + 1, seq goes on.
+    replica.close()
+    successor = Journal.open(tmp_path / "replica.db")
+    assert successor.last_seq() == n
+    assert successor.bump_epoch() == 2
+    assert successor.last_seq() == n + 1
+    with successor.batch():
+        random_ops(successor, rng, 60, "b", t0=1000.0)
+    new = successor.changes_since(n)
+    assert [c.seq for c in new] == list(range(n + 1, successor.last_seq() + 1))
+    assert all(c.epoch == 2 for c in new) and new[0].payload == {"op": "epoch", "epoch": 2}
+
+    # A fresh replica of the successor rebuilds the whole history and the same state.
+    replica2 = Journal.open(tmp_path / "replica2.db")
+    follow(successor, replica2, rng)
+    assert replica2.dump() == successor.dump()
+    assert replica2.epoch() == 2
+
+    # The deposed primary's history is refused: same seq, other content; or an older epoch.
+    if lost_tail:
+        with pytest.raises(JournalDivergenceError):
+            replica2.apply(lost_tail[:1])
+    stale = Change(replica2.last_seq() + 1, 1, {"op": "requeue", "job": "a-0", "task": 0, "reason": "x"})
+    with pytest.raises(StaleEpochError):
+        replica2.apply([stale])
+    assert replica2.dump() == successor.dump()
+    successor.close()
+    replica2.close()
+
+
+def test_bump_epoch_can_jump(journal: Journal) -> None:
+    assert journal.bump_epoch() == 2
+    assert journal.bump_epoch(at_least=7) == 7
+    assert journal.bump_epoch(at_least=3) == 8
+    assert [c.epoch for c in journal.changes_since(0)] == [2, 7, 8]
