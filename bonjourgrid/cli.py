@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -20,6 +22,7 @@ from rich.table import Table
 from . import __version__
 from .announcement import CAP_RE, GRID_NAME_RE
 from .gridkey import GridKey, GridKeyError, key_file_is_private
+from .gridview import GridView
 from .netif import InterfaceError, resolve_interface
 from .ownerpolicy import OwnerPolicy
 from .paths import default_key_file, default_state_dir
@@ -231,16 +234,19 @@ def _local_status(state_dir: Path, key: GridKey, grid: str) -> dict[str, object]
     return reply.body
 
 
-def _browse_status(grid: str, key: GridKey, addresses: list[str] | None, seconds: float) -> dict[str, object]:
-    from .mdns import browse
-
-    view = asyncio.run(browse(grid, key, addresses, seconds))
+def _view_status(view: GridView) -> dict[str, object]:
     now = time.time()
     return {
         "nodes": [r.to_json(now) for r in view.sorted_nodes()],
         "ignored": dict(view.ignored_summary()),
         "dropped": dict(view.dropped),
     }
+
+
+def _browse_status(grid: str, key: GridKey, addresses: list[str] | None, seconds: float) -> dict[str, object]:
+    from .mdns import browse
+
+    return _view_status(asyncio.run(browse(grid, key, addresses, seconds)))
 
 
 def _table(status: dict[str, object], source: str) -> Table:
@@ -291,22 +297,40 @@ def nodes(
         return _browse_status(grid, key, addresses, seconds), f"browsed for {seconds:g}s"
 
     if watch:
-        status, source = look(timeout)
-        with Live(_table(status, source), console=out, refresh_per_second=2) as live:
-            try:
-                while True:
-                    status, source = look(min(timeout, 1.0))
-                    live.update(_table(status, source))
-            except KeyboardInterrupt:
-                return
+        with Live(console=out, refresh_per_second=2) as live, contextlib.suppress(KeyboardInterrupt):
+            local = None if browse_only else _local_status(sd, key, grid)
+            if local is None:  # one long-lived browser, redrawn every second
+                from .mdns import browse
+
+                source = "live mDNS browse"
+                asyncio.run(browse(grid, key, addresses, math.inf,
+                                   every=lambda v: live.update(_table(_view_status(v), source))))
+            while True:  # ask the local daemon once a second
+                status, source = look(timeout)
+                live.update(_table(status, source))
+                time.sleep(1.0)
+        return
     status, source = look(timeout)
     if as_json:
         print(json.dumps(status["nodes"], indent=2))
+        err.print(f"source: {source}", highlight=False, soft_wrap=True)
         ignored = status.get("ignored") or {}
         if ignored:
-            err.print(f"ignored: {json.dumps(ignored)}")
+            err.print(f"ignored: {json.dumps(ignored)}", highlight=False, soft_wrap=True)
         return
     out.print(_table(status, source))
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option("--nodes", "-n", help="How many desktops to simulate.", min=2, max=50)] = 4,
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps keys, state and logs.")] = Path(".demo"),
+    keep: Annotated[float, typer.Option(help="Keep the grid up this many seconds at the end.", min=0)] = 0.0,
+) -> None:
+    """Run a demo grid on this machine: namespaced desktops find each other (needs root)."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(nodes, workdir.resolve(), out, keep))
 
 
 def main() -> None:

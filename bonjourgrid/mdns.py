@@ -181,14 +181,24 @@ class Browser:
                     self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
 
 
-async def browse(grid: str, key: GridKey, addresses: list[str] | None, seconds: float) -> GridView:
-    """A one-off look at the grid: browse for `seconds`, return what was seen."""
+async def browse(
+    grid: str,
+    key: GridKey,
+    addresses: list[str] | None,
+    seconds: float,
+    every: Callable[[GridView], None] | None = None,
+) -> GridView:
+    """Browse the grid for `seconds` (forever if inf), calling `every(view)` once a second."""
     azc = open_zeroconf(addresses)
     view = GridView(grid, key)
     browser = Browser(azc, view)
     try:
         await browser.start()
-        await asyncio.sleep(seconds)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 1.0) if every else left)
+            if every:
+                every(view)
     finally:
         await browser.stop()
         await azc.async_close()

@@ -100,7 +100,9 @@ class NodeDaemon:
     async def run(self) -> None:
         cfg = self.config
         azc = open_zeroconf(cfg.addresses)
-        self._server = await asyncio.start_server(self._serve_client, host=None, port=cfg.port)
+        # One IPv4 socket on every interface: with port 0, separate sockets
+        # would each get a different port, and only one can be announced.
+        self._server = await asyncio.start_server(self._serve_client, host="0.0.0.0", port=cfg.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self._publisher = Publisher(azc, cfg.key, cfg.addresses, self.port)
         browser = Browser(azc, self.view, self._on_view_change)

@@ -44,6 +44,7 @@ class GridNode:
         """(nodes, ignored counts) as this node's daemon sees the grid."""
         r = self.cli("nodes", "--json")
         assert r.returncode == 0, r.stderr
+        assert "source: view of local node" in r.stderr, r.stderr  # the daemon's own view, not a browse
         ignored = {}
         for line in r.stderr.splitlines():
             if line.startswith("ignored: "):

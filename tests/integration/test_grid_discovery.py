@@ -9,9 +9,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import make_key
 
 from bonjourgrid.testbed import wait_for
-from conftest import make_key
 
 HOSTILE = str(Path(__file__).with_name("hostile_mdns.py"))
 
@@ -80,7 +80,7 @@ def test_two_grids_on_one_network_do_not_see_each_other(grid, tmp_path):
     b = [g.start(h[2], grid="biology", key_file=other_key), g.start(h[3], grid="biology", key_file=other_key)]
     wait_for(lambda: everyone_sees(a, {"host1": "idle", "host2": "idle"}), 20, 0.2, "physics grid")
     wait_for(lambda: everyone_sees(b, {"host3": "idle", "host4": "idle"}), 20, 0.2, "biology grid")
-    nodes, ignored = a[0].view()
+    _, ignored = a[0].view()
     assert ignored.get("other-grid") == 2
 
 
