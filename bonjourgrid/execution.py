@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -387,6 +388,9 @@ class Executor:
         except FileNotFoundError:
             return TaskOutcome.failure(f"no such program: {run.argv[0]!r} (PATH={env['PATH']})", started)
         except PermissionError:
+            # execvpe reports EACCES when the program is missing but some PATH directory was unreadable.
+            if "/" not in run.argv[0] and shutil.which(run.argv[0], path=env["PATH"]) is None:
+                return TaskOutcome.failure(f"no such program: {run.argv[0]!r} (PATH={env['PATH']})", started)
             return TaskOutcome.failure(f"program is not executable: {run.argv[0]!r}", started)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             return TaskOutcome.failure(f"could not start {run.argv[0]!r}: {e}", started)
@@ -557,30 +561,35 @@ class Executor:
                 await loop.run_in_executor(self._pool, container.start)
             except docker.errors.APIError as e:  # e.g. program not found in the image
                 return TaskOutcome.failure(f"docker could not start the container: {e.explanation or e}", started)
-            started = time.time()
-            waiter = loop.run_in_executor(self._pool, lambda: container.wait(timeout=None))
-            cancel_waiter = asyncio.create_task(cancel_ev.wait())
-            try:
-                done, _ = await asyncio.wait(
-                    {waiter, cancel_waiter}, timeout=run.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                cancel_waiter.cancel()
-            if waiter not in done:
-                cancelled = cancel_waiter in done
-                timed_out = not cancelled
-                grace = max(1, round(self._kill_grace_s))
-                await loop.run_in_executor(self._pool, lambda: container.stop(timeout=grace))
-            try:
-                status = await waiter
             except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
-                return TaskOutcome.failure(f"lost the docker engine while the task ran: {e}", started)
-            ended = time.time()
-            if not (timed_out or cancelled):
-                exit_code = int(status.get("StatusCode", -1))
-            cap = run.limits.max_output_bytes
-            stdout, out_trunc = await loop.run_in_executor(self._pool, self._capped_logs, container, True, cap)
-            stderr, err_trunc = await loop.run_in_executor(self._pool, self._capped_logs, container, False, cap)
+                return TaskOutcome.failure(f"docker engine error while starting the container: {e}", started)
+            try:
+                started = time.time()
+                waiter = loop.run_in_executor(self._pool, lambda: container.wait(timeout=None))
+                # If we are cancelled, nobody awaits it any more: retrieve its error so asyncio does not log it.
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+                cancel_waiter = asyncio.create_task(cancel_ev.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {waiter, cancel_waiter}, timeout=run.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    cancel_waiter.cancel()
+                if waiter not in done:
+                    cancelled = cancel_waiter in done
+                    timed_out = not cancelled
+                    grace = max(1, round(self._kill_grace_s))
+                    await loop.run_in_executor(self._pool, lambda: container.stop(timeout=grace))
+                status = await waiter
+                ended = time.time()
+                if not (timed_out or cancelled):
+                    exit_code = int(status.get("StatusCode", -1))
+                cap = run.limits.max_output_bytes
+                stdout, out_trunc = await loop.run_in_executor(self._pool, self._capped_logs, container, True, cap)
+                stderr, err_trunc = await loop.run_in_executor(self._pool, self._capped_logs, container, False, cap)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+                # The engine died or misbehaved mid-run; the finally clause still tries to remove the container.
+                return TaskOutcome.failure(f"docker engine error while the task ran: {e}", started)
         finally:
             # Also on asyncio cancellation: the forced removal (which kills) runs in the pool even if we are
             # cancelled again while waiting for it.

@@ -328,3 +328,9 @@ def test_process_limit_as_user(tmp_path: Path) -> None:
     script = "for i in $(seq 40); do sleep 5 & done; wait"
     out = _run(tmp_path, ["sh", "-c", script], limits=Limits(max_processes=10, timeout_s=20))
     assert b"fork" in out.stderr.lower() or out.exit_code != 0
+
+
+def test_not_executable_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    out = _run(tmp_path, ["./script.sh"])
+    assert out.error is not None and "not executable" in out.error
