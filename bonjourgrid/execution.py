@@ -1,0 +1,611 @@
+"""Run one task attempt on a worker: as a local process under rlimits, or in a Docker container.
+
+The worker half of the native backend hands a :class:`TaskRun` to :meth:`Executor.run` and gets a
+:class:`TaskOutcome` back.  ``run`` never raises for a task that fails or cannot start (that is
+the task's problem, reported in ``TaskOutcome.error``); it raises only ``asyncio.CancelledError``
+when the awaiting asyncio task is cancelled, and then only after the process group or container
+has been killed.  To stop a task and still get an outcome (``cancelled=True``), call
+:meth:`Executor.cancel` instead.
+
+Process runtime caveats (documented, not bugs):
+
+* ``memory_bytes`` is applied as RLIMIT_AS (virtual address space, per process, not RSS, not
+  summed over the group).  Runtimes that reserve large virtual areas (JVM, Go, many threads with
+  8 MiB stacks) may fail well below the limit; use the docker runtime for real memory accounting.
+* ``max_processes`` maps to RLIMIT_NPROC, which the kernel counts per *user* (threads included):
+  the limit is set to "this user's current task count + max_processes".  Root ignores it, so
+  when the worker runs as root the process runtime cannot bound processes (docker can).
+* ``cpus`` is informative for processes (nothing is pinned); docker gets ``nano_cpus``.
+* A task that calls setsid() itself leaves our process group and escapes the group kill.
+* An exit by signal gives a negative ``exit_code`` (-9 for SIGKILL), as with Popen.  When we
+  killed it (timeout, cancel) ``exit_code`` is None.  Docker reports 128+N for a signal instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bonjourgrid.sandbox import OutputFile, check_glob, collect_outputs, safe_join
+
+__all__ = [
+    "Executor",
+    "Limits",
+    "OutputFile",
+    "TaskOutcome",
+    "TaskRun",
+    "collect_outputs",
+    "safe_join",
+]
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 64 << 10
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CONTAINER_WORKDIR = "/work"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one task attempt (see the module docstring for what each runtime enforces)."""
+
+    cpus: int = 1
+    memory_bytes: int = 512 << 20
+    timeout_s: float | None = None
+    max_output_bytes: int = 1 << 20  # per stream; the head is kept and the outcome marked truncated
+    max_processes: int | None = 256
+    max_open_files: int = 1024  # process runtime: RLIMIT_NOFILE (never above the worker's own hard limit)
+    max_file_bytes: int | None = None  # process runtime: RLIMIT_FSIZE, a cheap guard against runaway writes
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """What to run: argv in the sandbox directory, which must already exist and hold the inputs."""
+
+    task_id: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    sandbox: Path
+    output_globs: tuple[str, ...]
+    limits: Limits = field(default_factory=Limits)
+    runtime: str = "process"  # or "docker"
+    image: str | None = None
+    network: bool = False  # docker only; the process runtime cannot take the network away
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """The result of one attempt; ``error`` says why it could not be run at all."""
+
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    started_at: float
+    ended_at: float
+    timed_out: bool
+    cancelled: bool
+    outputs: tuple[OutputFile, ...]
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.cancelled and self.error is None
+
+    @classmethod
+    def failure(cls, error: str, started_at: float | None = None) -> TaskOutcome:
+        """An outcome for a task that never ran (bad request, missing program, engine or image)."""
+        now = time.time()
+        return cls(None, b"", b"", False, False, started_at or now, now, False, False, (), error)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form; stdout/stderr are base64 so that any bytes round-trip."""
+        return {
+            "exit_code": self.exit_code,
+            "stdout": _b64(self.stdout),
+            "stderr": _b64(self.stderr),
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "timed_out": self.timed_out,
+            "cancelled": self.cancelled,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskOutcome:
+        """Inverse of :meth:`to_dict`; raises KeyError/ValueError/TypeError on malformed input."""
+        code = d["exit_code"]
+        return cls(
+            exit_code=None if code is None else int(code),
+            stdout=base64.b64decode(d["stdout"], validate=True),
+            stderr=base64.b64decode(d["stderr"], validate=True),
+            stdout_truncated=bool(d["stdout_truncated"]),
+            stderr_truncated=bool(d["stderr_truncated"]),
+            started_at=float(d["started_at"]),
+            ended_at=float(d["ended_at"]),
+            timed_out=bool(d["timed_out"]),
+            cancelled=bool(d["cancelled"]),
+            outputs=tuple(OutputFile.from_dict(o) for o in d["outputs"]),
+            error=None if d["error"] is None else str(d["error"]),
+        )
+
+
+class _Capture:
+    """Head-capped capture of one stream; survives cancellation of its reader so partial data is kept."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(0, cap)
+        self.buf = bytearray()
+        self.truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.cap - len(self.buf)
+        if room > 0:
+            self.buf += chunk[:room]
+        if len(chunk) > max(room, 0):
+            self.truncated = True
+
+
+async def _pump(stream: asyncio.StreamReader | None, cap: _Capture) -> None:
+    """Read to EOF; past the cap the data is dropped but still read, so the task never blocks on a full pipe."""
+    if stream is None:
+        return
+    while chunk := await stream.read(_READ_CHUNK):
+        cap.feed(chunk)
+
+
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Stream protocol that also tells when the process exits.
+
+    On Python 3.11 ``Process.wait()`` returns only once the pipes are closed as well, so a
+    background grandchild holding stdout would make it hang; ``exited`` does not wait for pipes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_READ_CHUNK, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _set_limit(res: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(res)
+    if hard != resource.RLIM_INFINITY and value > hard:
+        value = hard
+    resource.setrlimit(res, (value, value))
+
+
+def _child_limits(memory_bytes: int, nofile: int, fsize: int | None, nproc: int | None) -> Callable[[], None]:
+    """The preexec_fn: only setrlimit calls, nothing that could take a lock in the forked child."""
+
+    def apply() -> None:
+        _set_limit(resource.RLIMIT_CORE, 0)
+        if memory_bytes > 0:
+            _set_limit(resource.RLIMIT_AS, memory_bytes)
+        if nofile > 0:
+            _set_limit(resource.RLIMIT_NOFILE, nofile)
+        if fsize is not None:
+            _set_limit(resource.RLIMIT_FSIZE, fsize)
+        if nproc is not None:
+            _set_limit(resource.RLIMIT_NPROC, nproc)
+
+    return apply
+
+
+class Executor:
+    """Runs task attempts for one worker; keeps the (lazy) docker client and a thread pool for its blocking calls."""
+
+    def __init__(
+        self,
+        docker_client_factory: Callable[[], Any] | None = None,
+        *,
+        kill_grace_s: float = 2.0,
+        docker_timeout_s: float = 10.0,
+        docker_check_ttl_s: float = 30.0,
+        max_docker_threads: int = 32,
+    ) -> None:
+        self._docker_factory = docker_client_factory or self._default_docker_factory
+        self._kill_grace_s = kill_grace_s
+        self._docker_timeout_s = docker_timeout_s
+        self._docker_check_ttl_s = docker_check_ttl_s
+        self._docker_client: Any = None
+        self._docker_error: str | None = None
+        self._docker_checked_at = float("-inf")
+        # Our own pool: each running container holds a thread in wait(), which would starve the default executor.
+        self._pool = ThreadPoolExecutor(max_workers=max_docker_threads, thread_name_prefix="bg-docker")
+        self._cancel_events: dict[str, set[asyncio.Event]] = {}
+        self._nproc_cache: tuple[float, int] = (float("-inf"), 0)
+
+    # ----------------------------------------------------------------- public API
+
+    async def run(self, run: TaskRun) -> TaskOutcome:
+        """Run one attempt to its end, timeout or cancel; see the module docstring for cancellation."""
+        problem = self._validate(run)
+        if problem is not None:
+            return TaskOutcome.failure(problem)
+        ev = asyncio.Event()
+        self._cancel_events.setdefault(run.task_id, set()).add(ev)
+        try:
+            if run.runtime == "docker":
+                return await self._run_docker(run, ev)
+            return await self._run_process(run, ev)
+        finally:
+            evs = self._cancel_events.get(run.task_id)
+            if evs is not None:
+                evs.discard(ev)
+                if not evs:
+                    del self._cancel_events[run.task_id]
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop the running attempt(s) of ``task_id``; their ``run`` returns with ``cancelled=True``."""
+        evs = self._cancel_events.get(task_id)
+        if not evs:
+            return False
+        for ev in evs:
+            ev.set()
+        return True
+
+    def docker_available(self) -> bool:
+        """Whether a docker engine answers; cached for ``docker_check_ttl_s`` (blocks at most one client timeout)."""
+        return self._docker_client_or_error()[0] is not None
+
+    def close(self) -> None:
+        """Release the thread pool and the docker client's connections."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._docker_client is not None:
+            with contextlib.suppress(Exception):
+                self._docker_client.close()
+
+    # ----------------------------------------------------------------- shared
+
+    @staticmethod
+    def _validate(run: TaskRun) -> str | None:
+        if not run.argv or not all(isinstance(a, str) for a in run.argv):
+            return "argv must be a non-empty sequence of strings"
+        if run.runtime not in ("process", "docker"):
+            return f"unknown runtime {run.runtime!r} (expected 'process' or 'docker')"
+        if run.runtime == "docker" and not run.image:
+            return "the docker runtime needs an image"
+        if not Path(run.sandbox).is_dir():
+            return f"sandbox {str(run.sandbox)!r} is not a directory"
+        if any("\x00" in k or "=" in k or "\x00" in v for k, v in run.env.items()):
+            return "environment names must not contain '=' or NUL, values must not contain NUL"
+        try:
+            for g in run.output_globs:
+                check_glob(g)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    @staticmethod
+    def _make_tmp(sandbox: Path) -> bool:
+        """Create sandbox/tmp for TMPDIR; False if something else (maybe a planted symlink) sits there."""
+        try:
+            tmp = safe_join(sandbox, "tmp")
+            tmp.mkdir(exist_ok=True)
+            return tmp.is_dir() and not tmp.is_symlink()
+        except (OSError, ValueError):
+            return False
+
+    async def _collect(self, run: TaskRun) -> tuple[OutputFile, ...]:
+        # Hashing can be slow for big outputs: keep it off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, collect_outputs, Path(run.sandbox), tuple(run.output_globs)
+        )
+
+    # ----------------------------------------------------------------- process runtime
+
+    def _nproc_limit(self, max_processes: int | None) -> int | None:
+        """RLIMIT_NPROC counts all tasks of the real uid, so allow 'what this user runs now + max_processes'."""
+        if max_processes is None or os.geteuid() == 0:
+            return None  # root is exempt from RLIMIT_NPROC anyway
+        at, count = self._nproc_cache
+        now = time.monotonic()
+        if now - at > 2.0:
+            uid = os.getuid()
+            count = 0
+            for p in psutil.process_iter(["uids", "num_threads"]):
+                uids = p.info.get("uids")
+                if uids is not None and uids.real == uid:
+                    count += p.info.get("num_threads") or 1
+            self._nproc_cache = (now, count)
+        return count + max_processes
+
+    @staticmethod
+    def _process_env(run: TaskRun, tmp_ok: bool) -> dict[str, str]:
+        sandbox = str(Path(run.sandbox).resolve())
+        env = {
+            "PATH": os.environ.get("PATH") or _DEFAULT_PATH,
+            "HOME": sandbox,
+            "LANG": "C.UTF-8",
+            "TMPDIR": os.path.join(sandbox, "tmp") if tmp_ok else sandbox,
+            "BONJOURGRID_TASK_ID": run.task_id,
+        }
+        env.update(run.env)
+        return env
+
+    async def _terminate(self, pgid: int, exited: asyncio.Future[None]) -> None:
+        """SIGTERM the group, give the leader a short grace, then SIGKILL the group (always, even if cancelled)."""
+        try:
+            _killpg(pgid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), self._kill_grace_s)
+        finally:
+            _killpg(pgid, signal.SIGKILL)
+
+    async def _run_process(self, run: TaskRun, cancel_ev: asyncio.Event) -> TaskOutcome:
+        limits = run.limits
+        sandbox = Path(run.sandbox)
+        env = self._process_env(run, self._make_tmp(sandbox))
+        preexec = _child_limits(
+            limits.memory_bytes, limits.max_open_files, limits.max_file_bytes, self._nproc_limit(limits.max_processes)
+        )
+        loop = asyncio.get_running_loop()
+        started = time.time()
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ExitAwareProtocol(loop),
+                *run.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=sandbox,
+                env=env,
+                start_new_session=True,  # its own process group, so that we can kill the whole tree
+                preexec_fn=preexec,
+            )
+        except FileNotFoundError:
+            return TaskOutcome.failure(f"no such program: {run.argv[0]!r} (PATH={env['PATH']})", started)
+        except PermissionError:
+            # execvpe reports EACCES when the program is missing but some PATH directory was unreadable.
+            if "/" not in run.argv[0] and shutil.which(run.argv[0], path=env["PATH"]) is None:
+                return TaskOutcome.failure(f"no such program: {run.argv[0]!r} (PATH={env['PATH']})", started)
+            return TaskOutcome.failure(f"program is not executable: {run.argv[0]!r}", started)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            return TaskOutcome.failure(f"could not start {run.argv[0]!r}: {e}", started)
+
+        pgid = transport.get_pid()  # == the session and group id, thanks to start_new_session
+        out, err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
+        readers = [asyncio.create_task(_pump(protocol.stdout, out)), asyncio.create_task(_pump(protocol.stderr, err))]
+        cancel_waiter = asyncio.create_task(cancel_ev.wait())
+        timed_out = cancelled = False
+        try:
+            done, _ = await asyncio.wait(
+                {protocol.exited, cancel_waiter}, timeout=limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if protocol.exited not in done:
+                cancelled = cancel_waiter in done
+                timed_out = not cancelled
+                await self._terminate(pgid, protocol.exited)
+            await protocol.exited
+            ended = time.time()
+            # The attempt ends with its main process: stragglers in the group would hold the pipes open.
+            _killpg(pgid, signal.SIGKILL)
+            _, pending = await asyncio.wait(readers, timeout=self._kill_grace_s)
+            if pending:  # someone outside the group (setsid) still holds a pipe: stop reading, keep what we have
+                log.warning("task %s: output pipes still open after exit; an escaped process holds them", run.task_id)
+                for t in pending:
+                    t.cancel()
+        except BaseException:
+            # asyncio cancellation (or anything unexpected): kill first, then let it propagate.
+            await asyncio.shield(self._terminate(pgid, protocol.exited))
+            for t in readers:
+                t.cancel()
+            raise
+        finally:
+            cancel_waiter.cancel()
+            transport.close()
+
+        outputs = await self._collect(run)
+        return TaskOutcome(
+            exit_code=None if (timed_out or cancelled) else transport.get_returncode(),
+            stdout=bytes(out.buf),
+            stderr=bytes(err.buf),
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
+            started_at=started,
+            ended_at=ended,
+            timed_out=timed_out,
+            cancelled=cancelled,
+            outputs=outputs,
+            error=None,
+        )
+
+    # ----------------------------------------------------------------- docker runtime
+
+    def _default_docker_factory(self) -> Any:
+        import docker  # imported here: workers without the docker runtime never pay for it
+
+        return docker.from_env(timeout=int(max(1, self._docker_timeout_s)), max_pool_size=32)
+
+    def _docker_client_or_error(self) -> tuple[Any, str | None]:
+        """Create (once) and ping the client; a failure is remembered for the TTL so tasks fail fast."""
+        now = time.monotonic()
+        if self._docker_client is not None:
+            if now - self._docker_checked_at < self._docker_check_ttl_s:
+                return self._docker_client, None
+            try:
+                self._docker_client.ping()
+                self._docker_checked_at = now
+                return self._docker_client, None
+            except Exception as e:
+                self._docker_client = None
+                self._docker_error = f"docker engine not reachable: {e}"
+                self._docker_checked_at = now
+                return None, self._docker_error
+        if self._docker_error is not None and now - self._docker_checked_at < self._docker_check_ttl_s:
+            return None, self._docker_error
+        try:
+            client = self._docker_factory()
+            client.ping()
+        except Exception as e:
+            self._docker_error = f"docker engine not reachable: {e}"
+            self._docker_checked_at = now
+            return None, self._docker_error
+        self._docker_client, self._docker_error, self._docker_checked_at = client, None, now
+        return client, None
+
+    @staticmethod
+    def _container_kwargs(run: TaskRun) -> dict[str, Any]:
+        import docker.types
+
+        limits = run.limits
+        env = {"HOME": CONTAINER_WORKDIR, "TMPDIR": f"{CONTAINER_WORKDIR}/tmp", "LANG": "C.UTF-8"}
+        env["BONJOURGRID_TASK_ID"] = run.task_id
+        env.update(run.env)
+        kw: dict[str, Any] = {
+            "image": run.image,
+            "command": list(run.argv),
+            "working_dir": CONTAINER_WORKDIR,
+            "volumes": {str(Path(run.sandbox).resolve()): {"bind": CONTAINER_WORKDIR, "mode": "rw"}},
+            "environment": env,
+            "user": f"{os.getuid()}:{os.getgid()}",  # outputs in the bind mount belong to the worker's user
+            "mem_limit": limits.memory_bytes,
+            "memswap_limit": limits.memory_bytes,  # no swap on top of the limit
+            "nano_cpus": int(limits.cpus * 1_000_000_000),
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
+            "labels": {"bonjourgrid.task_id": run.task_id},
+            "stdin_open": False,
+            "tty": False,
+            "detach": True,
+        }
+        if limits.max_processes is not None:
+            kw["pids_limit"] = limits.max_processes
+        if not run.network:
+            kw["network_mode"] = "none"
+        return kw
+
+    @staticmethod
+    def _capped_logs(container: Any, stdout: bool, cap: int) -> tuple[bytes, bool]:
+        """Stream one of the demuxed log streams, stopping once past the cap (head kept)."""
+        capture = _Capture(cap)
+        stream = container.logs(stdout=stdout, stderr=not stdout, stream=True, follow=False)
+        try:
+            for chunk in stream:
+                capture.feed(chunk)
+                if capture.truncated:
+                    break
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        return bytes(capture.buf), capture.truncated
+
+    @staticmethod
+    def _remove(container: Any) -> None:
+        try:
+            container.remove(force=True)
+        except Exception as e:  # already gone, or the engine died: nothing more we can do
+            log.debug("removing container %s: %s", getattr(container, "id", "?"), e)
+
+    async def _run_docker(self, run: TaskRun, cancel_ev: asyncio.Event) -> TaskOutcome:
+        import docker.errors
+        import requests.exceptions
+
+        loop = asyncio.get_running_loop()
+        client, problem = await loop.run_in_executor(self._pool, self._docker_client_or_error)
+        if client is None:
+            return TaskOutcome.failure(problem or "docker engine not reachable")
+        self._make_tmp(Path(run.sandbox))
+        kwargs = self._container_kwargs(run)
+        started = time.time()
+        try:
+            container = await loop.run_in_executor(self._pool, lambda: client.containers.create(**kwargs))
+        except docker.errors.ImageNotFound:
+            return TaskOutcome.failure(
+                f"docker image {run.image!r} is not present on this worker (the executor never pulls images)", started
+            )
+        except docker.errors.APIError as e:
+            return TaskOutcome.failure(f"docker could not create the container: {e.explanation or e}", started)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+            return TaskOutcome.failure(f"docker engine error: {e}", started)
+
+        timed_out = cancelled = False
+        exit_code: int | None = None
+        try:
+            try:
+                await loop.run_in_executor(self._pool, container.start)
+            except docker.errors.APIError as e:  # e.g. program not found in the image
+                return TaskOutcome.failure(f"docker could not start the container: {e.explanation or e}", started)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+                return TaskOutcome.failure(f"docker engine error while starting the container: {e}", started)
+            try:
+                started = time.time()
+                waiter = loop.run_in_executor(self._pool, lambda: container.wait(timeout=None))
+                # If we are cancelled, nobody awaits it any more: retrieve its error so asyncio does not log it.
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+                cancel_waiter = asyncio.create_task(cancel_ev.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {waiter, cancel_waiter}, timeout=run.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    cancel_waiter.cancel()
+                if waiter not in done:
+                    cancelled = cancel_waiter in done
+                    timed_out = not cancelled
+                    grace = max(1, round(self._kill_grace_s))
+                    await loop.run_in_executor(self._pool, lambda: container.stop(timeout=grace))
+                status = await waiter
+                ended = time.time()
+                if not (timed_out or cancelled):
+                    exit_code = int(status.get("StatusCode", -1))
+                cap = run.limits.max_output_bytes
+                stdout, out_trunc = await loop.run_in_executor(self._pool, self._capped_logs, container, True, cap)
+                stderr, err_trunc = await loop.run_in_executor(self._pool, self._capped_logs, container, False, cap)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+                # The engine died or misbehaved mid-run; the finally clause still tries to remove the container.
+                return TaskOutcome.failure(f"docker engine error while the task ran: {e}", started)
+        finally:
+            # Also on asyncio cancellation: the forced removal (which kills) runs in the pool even if we are
+            # cancelled again while waiting for it.
+            await asyncio.shield(loop.run_in_executor(self._pool, self._remove, container))
+
+        outputs = await self._collect(run)
+        return TaskOutcome(
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=out_trunc,
+            stderr_truncated=err_trunc,
+            started_at=started,
+            ended_at=ended,
+            timed_out=timed_out,
+            cancelled=cancelled,
+            outputs=outputs,
+            error=None,
+        )

@@ -1,0 +1,336 @@
+"""Process runtime and sandbox confinement, with real processes (no docker needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bonjourgrid.execution import Executor, Limits, OutputFile, TaskOutcome, TaskRun, collect_outputs, safe_join
+
+pytestmark = pytest.mark.timeout(60)
+
+PY = sys.executable
+
+
+def _run(sandbox: Path, argv: list[str], executor: Executor | None = None, **kw) -> TaskOutcome:
+    limits = kw.pop("limits", Limits())
+    run = TaskRun(
+        task_id=kw.pop("task_id", "t1"),
+        argv=tuple(argv),
+        env=kw.pop("env", {}),
+        sandbox=sandbox,
+        output_globs=tuple(kw.pop("globs", ())),
+        limits=limits,
+        **kw,
+    )
+    ex = executor or Executor(kill_grace_s=0.5)
+    try:
+        return asyncio.run(ex.run(run))
+    finally:
+        if executor is None:
+            ex.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pids: list[int], within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _read_pids(path: Path, n: int, within: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if path.exists():
+            pids = [int(x) for x in path.read_text().split()]
+            if len(pids) >= n:
+                return pids
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never got {n} pids")
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_exit_codes_and_ok(tmp_path: Path) -> None:
+    ok = _run(tmp_path, ["true"])
+    assert ok.exit_code == 0 and ok.ok and ok.error is None
+    assert ok.started_at <= ok.ended_at
+    bad = _run(tmp_path, ["sh", "-c", "exit 3"])
+    assert bad.exit_code == 3 and not bad.ok
+
+
+def test_exit_by_signal_is_negative(tmp_path: Path) -> None:
+    out = _run(tmp_path, ["sh", "-c", "kill -9 $$"])
+    assert out.exit_code == -9 and not out.timed_out
+
+
+def test_stdout_and_stderr_separate(tmp_path: Path) -> None:
+    out = _run(tmp_path, ["sh", "-c", "echo to-out; echo to-err >&2"])
+    assert out.stdout == b"to-out\n" and out.stderr == b"to-err\n"
+    assert not out.stdout_truncated and not out.stderr_truncated
+
+
+def test_big_output_keeps_head_and_marks_truncated(tmp_path: Path) -> None:
+    cap = 1 << 20
+    out = _run(tmp_path, ["sh", "-c", "yes | head -c 5000000; echo small >&2"], limits=Limits(max_output_bytes=cap))
+    assert out.exit_code == 0
+    assert len(out.stdout) == cap and out.stdout_truncated and out.stdout.startswith(b"y\ny\n")
+    assert out.stderr == b"small\n" and not out.stderr_truncated
+
+
+def test_missing_program_is_an_error_not_an_exception(tmp_path: Path) -> None:
+    out = _run(tmp_path, ["no-such-program-bonjourgrid"])
+    assert out.exit_code is None and not out.ok
+    assert out.error is not None and "no such program" in out.error
+
+
+def test_bad_requests_are_errors(tmp_path: Path) -> None:
+    assert "argv" in (_run(tmp_path, []).error or "")
+    assert "runtime" in (_run(tmp_path, ["true"], runtime="vm").error or "")
+    assert "image" in (_run(tmp_path, ["true"], runtime="docker").error or "")
+    assert "not a directory" in (_run(tmp_path / "missing", ["true"]).error or "")
+
+
+def test_env_is_minimal_plus_task_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BONJOURGRID_SECRET_OF_WORKER", "do-not-leak")
+    out = _run(tmp_path, [PY, "-c", "import os, json; print(json.dumps(dict(os.environ)))"], env={"FOO": "bar"})
+    env = json.loads(out.stdout)
+    assert env["FOO"] == "bar"
+    assert env["HOME"] == str(tmp_path.resolve())
+    assert env["TMPDIR"] == str(tmp_path.resolve() / "tmp") and (tmp_path / "tmp").is_dir()
+    assert "BONJOURGRID_SECRET_OF_WORKER" not in env
+    assert "PATH" in env and "LANG" in env
+
+
+def test_cwd_is_the_sandbox(tmp_path: Path) -> None:
+    (tmp_path / "input.txt").write_text("staged\n")
+    out = _run(tmp_path, ["cat", "input.txt"])
+    assert out.stdout == b"staged\n"
+
+
+def test_outcome_dict_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "r.bin").write_bytes(b"\x00\xff")
+    out = _run(tmp_path, [PY, "-c", "import sys; sys.stdout.buffer.write(bytes(range(256)))"], globs=["*.bin"])
+    d = json.loads(json.dumps(out.to_dict()))
+    assert TaskOutcome.from_dict(d) == out
+    assert out.outputs[0].path == "r.bin"
+
+
+# --------------------------------------------------------------------------- limits, timeouts, cancel
+
+
+_TREE = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    g = os.fork()
+    if g == 0:
+        time.sleep(300)
+        os._exit(0)
+    with open("pids", "a") as f:
+        f.write(f"{os.getpid()} {g}\\n")
+    time.sleep(300)
+    os._exit(0)
+time.sleep(300)
+"""
+
+
+def test_timeout_kills_the_whole_group(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    out = _run(tmp_path, [PY, "-c", _TREE], limits=Limits(timeout_s=1.0))
+    took = time.monotonic() - t0
+    assert out.timed_out and out.exit_code is None and not out.ok and out.error is None
+    assert took < 10
+    pids = _read_pids(tmp_path / "pids", 2)
+    assert _wait_gone(pids), f"survivors: {[p for p in pids if not _gone(p)]}"
+
+
+def test_term_ignoring_task_is_killed_after_grace(tmp_path: Path) -> None:
+    script = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\n"
+    script += "time.sleep(60)"
+    t0 = time.monotonic()
+    out = _run(tmp_path, [PY, "-c", script], limits=Limits(timeout_s=1.0))
+    assert out.timed_out and out.stdout == b"up\n"
+    assert time.monotonic() - t0 < 6
+
+
+def test_background_leftovers_are_killed_when_main_exits(tmp_path: Path) -> None:
+    # The sleeper inherits stdout: without the group kill, reading to EOF would wait 300 s.
+    t0 = time.monotonic()
+    out = _run(tmp_path, ["sh", "-c", "sleep 300 & echo $! > pids; echo done"])
+    assert out.exit_code == 0 and out.stdout == b"done\n"
+    assert time.monotonic() - t0 < 5
+    assert _wait_gone(_read_pids(tmp_path / "pids", 1))
+
+
+def test_executor_cancel_returns_cancelled_outcome(tmp_path: Path) -> None:
+    async def scenario() -> TaskOutcome:
+        ex = Executor(kill_grace_s=0.5)
+        run = TaskRun("job-7", (PY, "-c", _TREE), {}, tmp_path, (), Limits())
+        task = asyncio.create_task(ex.run(run))
+        await asyncio.to_thread(_read_pids, tmp_path / "pids", 2)
+        assert ex.cancel("job-7")
+        try:
+            return await task
+        finally:
+            ex.close()
+
+    out = asyncio.run(scenario())
+    assert out.cancelled and not out.timed_out and out.exit_code is None and not out.ok
+    assert _wait_gone(_read_pids(tmp_path / "pids", 2))
+    assert not Executor().cancel("unknown")
+
+
+def test_asyncio_cancel_kills_and_raises(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ex = Executor(kill_grace_s=0.5)
+        run = TaskRun("job-8", (PY, "-c", _TREE), {}, tmp_path, (), Limits())
+        task = asyncio.create_task(ex.run(run))
+        await asyncio.to_thread(_read_pids, tmp_path / "pids", 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ex.close()
+
+    asyncio.run(scenario())
+    assert _wait_gone(_read_pids(tmp_path / "pids", 2))
+
+
+def test_memory_limit_makes_greedy_allocation_fail(tmp_path: Path) -> None:
+    greedy = "x = bytearray(600 << 20); print('allocated')"
+    out = _run(tmp_path, [PY, "-c", greedy], limits=Limits(memory_bytes=300 << 20))
+    assert out.exit_code not in (0, None)
+    assert b"MemoryError" in out.stderr and b"allocated" not in out.stdout
+    # and the same allocation passes without the tight limit, so it is the limit that bit
+    roomy = _run(tmp_path, [PY, "-c", greedy], limits=Limits(memory_bytes=2 << 30))
+    assert roomy.ok and roomy.stdout == b"allocated\n"
+
+
+def test_file_size_limit(tmp_path: Path) -> None:
+    out = _run(tmp_path, ["sh", "-c", "head -c 100000 /dev/zero > big"], limits=Limits(max_file_bytes=10_000))
+    assert not out.ok
+    assert (tmp_path / "big").stat().st_size <= 10_000
+
+
+def test_core_dumps_disabled(tmp_path: Path) -> None:
+    out = _run(tmp_path, ["sh", "-c", "ulimit -c; ulimit -n"])
+    assert out.stdout.split() == [b"0", b"1024"]
+
+
+# --------------------------------------------------------------------------- outputs and confinement
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_outputs_collected_by_glob_with_sha256(tmp_path: Path) -> None:
+    script = "mkdir -p sub/deep; printf a > a.txt; printf bb > sub/b.txt; printf ccc > sub/deep/c.txt; printf x > n.dat"
+    out = _run(tmp_path, ["sh", "-c", script], globs=["*.txt", "sub/**/*.txt", "missing.bin"])
+    assert out.ok
+    assert out.outputs == (
+        OutputFile("a.txt", 1, _sha(b"a")),
+        OutputFile("sub/b.txt", 2, _sha(b"bb")),
+        OutputFile("sub/deep/c.txt", 3, _sha(b"ccc")),
+    )
+
+
+def test_star_does_not_cross_directories_and_dirs_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("1")
+    (tmp_path / "top").write_text("2")
+    assert [o.path for o in collect_outputs(tmp_path, ("*",))] == ["top"]
+    assert [o.path for o in collect_outputs(tmp_path, ("d",))] == []
+    assert [o.path for o in collect_outputs(tmp_path, ("**",))] == ["d/f", "top"]
+    assert [o.path for o in collect_outputs(tmp_path, ("./top",))] == ["top"]
+
+
+def test_bad_globs_refused(tmp_path: Path) -> None:
+    for bad in ("../x", "/etc/passwd", "a/../../b", "", "."):
+        with pytest.raises(ValueError):
+            collect_outputs(tmp_path, (bad,))
+    out = _run(tmp_path, ["true"], globs=["../*"])
+    assert out.error is not None and ".." in out.error and out.exit_code is None
+
+
+def test_symlink_escapes_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sandbox = tmp_path / "sb"
+    sandbox.mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir" / "x.txt").write_text("secret too")
+    script = (
+        f"ln -s {outside} leak.txt; ln -s {tmp_path / 'outdir'} linkdir; "
+        "printf ok > real.txt; ln -s real.txt alias.txt; ln -s nowhere broken.txt; mkfifo pipe.txt"
+    )
+    with caplog.at_level("WARNING"):
+        out = _run(sandbox, ["sh", "-c", script], globs=["*.txt", "**/*.txt", "linkdir/*", "linkdir/x.txt"])
+    assert out.ok
+    assert [o.path for o in out.outputs] == ["alias.txt", "real.txt"]
+    assert out.outputs[0].sha256 == _sha(b"ok")
+    assert "leak.txt" in caplog.text
+
+
+def test_safe_join(tmp_path: Path) -> None:
+    assert safe_join(tmp_path, "a/b.txt") == tmp_path / "a" / "b.txt"
+    for bad in ("/etc/passwd", "..", "../x", "a/../../x", "", ".", "a\\b", "a\x00b"):
+        with pytest.raises(ValueError):
+            safe_join(tmp_path, bad)
+    (tmp_path / "up").symlink_to(tmp_path.parent)
+    with pytest.raises(ValueError):
+        safe_join(tmp_path, "up/escape.txt")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "in").symlink_to(tmp_path / "inner")
+    assert safe_join(tmp_path, "in/ok.txt") == tmp_path / "in" / "ok.txt"
+
+
+def test_planted_tmp_symlink_is_not_used_as_tmpdir(tmp_path: Path) -> None:
+    (tmp_path / "tmp").symlink_to("/")
+    out = _run(tmp_path, ["sh", "-c", 'echo "$TMPDIR"'])
+    assert out.stdout.decode().strip() == str(tmp_path.resolve())
+
+
+# --------------------------------------------------------------------------- docker without an engine
+
+
+def test_docker_unreachable_is_a_clear_error(tmp_path: Path) -> None:
+    def no_engine() -> object:
+        raise ConnectionError("no socket here")
+
+    ex = Executor(docker_client_factory=no_engine)
+    assert not ex.docker_available()
+    out = _run(tmp_path, ["true"], executor=ex, runtime="docker", image="whatever:1")
+    ex.close()
+    assert out.exit_code is None and out.error is not None and "docker engine not reachable" in out.error
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root is exempt from RLIMIT_NPROC")
+def test_process_limit_as_user(tmp_path: Path) -> None:
+    script = "for i in $(seq 40); do sleep 5 & done; wait"
+    out = _run(tmp_path, ["sh", "-c", script], limits=Limits(max_processes=10, timeout_s=20))
+    assert b"fork" in out.stderr.lower() or out.exit_code != 0
+
+
+def test_not_executable_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    out = _run(tmp_path, ["./script.sh"])
+    assert out.error is not None and "not executable" in out.error
