@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up everything BonjourGrid needs on this machine, idempotently:
+# Debian packages (when root), then a virtualenv in .venv with the project installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 mosquitto docker.io busybox-static)
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # The packaged services are started by the tests themselves, on loopback and in namespaces only.
+  systemctl disable --now mosquitto >/dev/null 2>&1 || true
+else
+  echo "setup: not root: skipping Debian packages (${APT_PACKAGES[*]}); namespaced tests will be skipped"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import bonjourgrid, zeroconf, paho.mqtt, typer; print('setup: ok, bonjourgrid', bonjourgrid.__version__)"
