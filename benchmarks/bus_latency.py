@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bonjourgrid.broker import BrokerError, start_embedded_broker, start_mosquitto
@@ -59,7 +61,9 @@ async def responder(url: str, key: GridKey, user: str, pw: str) -> None:
     await bus.close()
 
 
-async def measure(url: str, key: GridKey, user: str, pw: str, rounds: int, messages: int) -> dict[str, float]:
+async def measure(
+    url: str, key: GridKey, user: str, pw: str, rounds: int, messages: int, broker_pid: int
+) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     child = subprocess.Popen(
         [sys.executable, __file__, "--responder", url], stdin=subprocess.PIPE, env=env, start_new_session=True
@@ -87,11 +91,14 @@ async def measure(url: str, key: GridKey, user: str, pw: str, rounds: int, messa
             rtts.append(time.perf_counter() - t0)
         stream = topic(GRID, CE, "stream")
         await bus.publish(stream, Envelope("start", "requester", {"n": messages}))
+        broker, me = psutil.Process(broker_pid), psutil.Process()
+        cpu0 = (_cpu(broker), _cpu(me))
         t0 = time.perf_counter()
         for i in range(messages):
             await bus.publish(stream, Envelope("task", "requester", {"i": i, "cmd": "echo"}))
         done = await asyncio.wait_for(replies.get(), 300)
         elapsed = time.perf_counter() - t0
+        broker_cpu, my_cpu = _cpu(broker) - cpu0[0], _cpu(me) - cpu0[1]
         assert done.kind == "stream-done" and done.body["n"] == messages, done
         await bus.publish(topic(GRID, CE, "quit"), Envelope("quit", "requester"))
         rtts.sort()
@@ -99,6 +106,8 @@ async def measure(url: str, key: GridKey, user: str, pw: str, rounds: int, messa
             "median_ms": statistics.median(rtts) * 1000,
             "p90_ms": rtts[int(0.9 * len(rtts))] * 1000,
             "msg_per_s": messages / elapsed,
+            "broker_us": broker_cpu / messages * 1e6,
+            "sender_us": my_cpu / messages * 1e6,
         }
     finally:
         await bus.close()
@@ -107,6 +116,11 @@ async def measure(url: str, key: GridKey, user: str, pw: str, rounds: int, messa
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
 
 
 def main() -> int:
@@ -125,16 +139,19 @@ def main() -> int:
     for name, start in (("embedded (amqtt)", start_embedded_broker), ("mosquitto", start_mosquitto)):
         try:
             with start("127.0.0.1", 0, username=user, password=pw) as broker:
-                r = asyncio.run(measure(broker.url, key, user, pw, args.rounds, args.messages))
+                r = asyncio.run(measure(broker.url, key, user, pw, args.rounds, args.messages, broker.pid))
         except BrokerError as e:
             print(f"{name}: skipped ({str(e).splitlines()[0]})", file=sys.stderr)
             continue
         rows.append((name, r))
     print(f"\nQoS 1, sealed envelopes, {args.rounds} round trips, {args.messages} messages streamed, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"{'broker':<18} {'RTT median ms':>14} {'RTT p90 ms':>11} {'msg/s':>9}")
+    # CPU time per streamed message tells apart "this side is the bottleneck" from "the machine is busy"
+    print(f"{'broker':<18} {'RTT median ms':>14} {'RTT p90 ms':>11} {'msg/s':>9} {'broker CPU us/msg':>18} "
+          f"{'sender CPU us/msg':>18}")
     for name, r in rows:
-        print(f"{name:<18} {r['median_ms']:>14.3f} {r['p90_ms']:>11.3f} {r['msg_per_s']:>9.0f}")
+        print(f"{name:<18} {r['median_ms']:>14.3f} {r['p90_ms']:>11.3f} {r['msg_per_s']:>9.0f} "
+              f"{r['broker_us']:>18.0f} {r['sender_us']:>18.0f}")
     return 0
 
 

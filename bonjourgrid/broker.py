@@ -40,7 +40,7 @@ from pathlib import Path
 
 from amqtt.plugins.base import BaseAuthPlugin
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bonjourgrid.broker")  # not __main__ when run with -m
 
 PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 15.0
@@ -159,10 +159,15 @@ def start_embedded_broker(
         probe = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
         _wait_accepting(probe, actual, deadline)
     except BaseException as e:
-        handle._owns_log = False  # keep the log for the error message and for the user
-        handle.stop(timeout=1.0)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        tail_before_stop = _tail(log_file)
+        handle.stop(timeout=1.0)  # a temp log goes too: its tail is in the message
         if isinstance(e, BrokerError):
-            raise BrokerError(f"{e}\n--- broker log {log_file} ---\n{_tail(log_file)}") from None
+            where = "" if owns_log else f" {log_file}"
+            raise BrokerError(f"{e}\n--- broker log{where} ---\n{tail_before_stop}") from None
         raise
     handle.port = actual
     handle.url = f"mqtt://{_url_host(probe if host in ('', '0.0.0.0', '::') else host)}:{actual}"
@@ -406,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(_serve(args.host, args.port, settings))
     except Exception as e:
-        log.exception("embedded broker failed: %s", e)
+        log.debug("embedded broker failed", exc_info=True)
+        log.error("embedded broker failed: %s", e)  # one line: the parent quotes the log's tail in its error
         return 1
     return 0
 

@@ -279,7 +279,8 @@ class Bus:
             self._start_worker(sub)
         self._connect_fut = loop.create_future()
         deadline = loop.time() + timeout
-        self._client.connect_timeout = timeout
+        with contextlib.suppress(RuntimeError):  # paho refuses to change it once a connection was made
+            self._client.connect_timeout = timeout
         try:
             # the TCP connect blocks (up to `timeout` for a dead host): keep it off the event loop
             await asyncio.wait_for(
@@ -519,7 +520,12 @@ class Bus:
             if self._close_fut is not None and not self._close_fut.done():
                 self._close_fut.set_result(None)
             return
-        reason = "keepalive timeout (no answer from the broker)" if rc == 141 else f"connection lost ({rc})"
+        if rc == 141:
+            reason = "keepalive timeout (no answer from the broker)"
+        elif getattr(rc, "value", None) == 128:  # paho's "Unspecified error": EOF or socket error
+            reason = "connection lost (closed by the broker or the network)"
+        else:
+            reason = f"connection lost ({rc})"
         fut = self._connect_fut
         if fut is not None and not fut.done():
             fut.set_exception(BusError(f"the MQTT broker at {self.url} closed the connection during CONNECT: {rc}"))

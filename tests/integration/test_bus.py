@@ -349,12 +349,12 @@ def test_embedded_broker_start_failure_is_clear() -> None:
     assert "broker log" in msg and ("in use" in msg or "Errno 98" in msg), msg
 
 
-def test_embedded_broker_dies_with_its_parent() -> None:
+def test_embedded_broker_dies_with_its_parent(tmp_path: Path) -> None:
     code = textwrap.dedent(
-        """
+        f"""
         import time
         from bonjourgrid.broker import start_embedded_broker
-        h = start_embedded_broker("127.0.0.1", 0)
+        h = start_embedded_broker("127.0.0.1", 0, log_file={str(tmp_path / "broker.log")!r})
         print(h.pid, flush=True)
         time.sleep(3600)
         """
@@ -383,3 +383,48 @@ def test_stop_is_idempotent() -> None:
     h.stop()
     h.stop()
     assert not h.alive()
+
+
+def test_frozen_broker_is_detected_by_keepalive(own_site: Site) -> None:
+    """A broker that stops answering without closing the socket (host hung, cable cut) is found by keepalive."""
+
+    async def main() -> None:
+        a = own_site.bus("patient", keepalive=1)
+        reasons: list[str] = []
+        a.on_disconnect = reasons.append
+        await a.connect()
+        own_site.broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            await wait_until(lambda: bool(reasons), 4.0)
+            assert time.monotonic() - t0 < 3.0
+            assert "keepalive" in reasons[0]
+        finally:
+            own_site.broker.proc.send_signal(signal.SIGCONT)
+        await a.close()
+
+    run(main())
+
+
+def test_reconnect_after_broker_restart_restores_subscriptions(own_site: Site) -> None:
+    async def main() -> None:
+        port = own_site.broker.port
+        a = own_site.bus("phoenix", keepalive=2)
+        got: list[str] = []
+        await a.subscribe(topic(GRID, CE, "again"), lambda t, e: got.append(e.kind))
+        await a.connect()
+        first_session = a.session
+        own_site.broker.proc.send_signal(signal.SIGKILL)
+        own_site.broker.stop()
+        await wait_until(lambda: not a.connected, 3)
+        with pytest.raises(BusError, match="cannot reach"):
+            await a.connect(timeout=2)
+        start = start_embedded_broker if own_site.kind == "embedded" else start_mosquitto
+        own_site.broker = await asyncio.to_thread(start, HOST, port, username=own_site.user, password=own_site.pw)
+        await a.connect()
+        assert a.session != first_session  # a new connection has a new will
+        await a.publish(topic(GRID, CE, "again"), Envelope("back", "phoenix"))
+        await wait_until(lambda: got == ["back"])
+        await a.close()
+
+    run(main())
