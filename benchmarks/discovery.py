@@ -57,7 +57,7 @@ def one_round(n: int, work: Path, idle_s: float) -> tuple[float, float, list[flo
         time.sleep(idle_s)
         cpu1 = [x.cpu_times() for x in ps]
         rss = [x.memory_info().rss / 2**20 for x in ps]
-        cpu = [100 * ((b.user + b.system) - (a.user + a.system)) / idle_s for a, b in zip(cpu0, cpu1)]
+        cpu = [100 * ((b.user + b.system) - (a.user + a.system)) / idle_s for a, b in zip(cpu0, cpu1, strict=True)]
         for p in procs:
             p.stop()
     return max(times) - t0, max(times) - max(up), rss, cpu
