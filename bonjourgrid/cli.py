@@ -42,14 +42,14 @@ err = Console(stderr=True)
 # Options every command takes.
 KeyFileOpt = Annotated[
     Path | None,
-    typer.Option("--key-file", envvar="BONJOURGRID_KEY_FILE", help="Grid key file [default: the one init wrote]."),
+    typer.Option("--key-file", envvar="BONJOURGRID_KEY_FILE", help="Grid key file (default: the one `init` wrote)."),
 ]
 GridOpt = Annotated[
     str, typer.Option("--grid", envvar="BONJOURGRID_GRID", help="Grid name: nodes of other grids are ignored.")
 ]
 StateDirOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", envvar="BONJOURGRID_STATE_DIR", help="Node state directory [default: XDG state]."),
+    typer.Option("--state-dir", envvar="BONJOURGRID_STATE_DIR", help="Node state directory (default: ~/.local/state/bonjourgrid/node)."),
 ]
 InterfaceOpt = Annotated[
     str | None,
@@ -149,17 +149,17 @@ def node(
     grid: GridOpt = "default",
     state_dir: StateDirOpt = None,
     interface: InterfaceOpt = None,
-    cpus: Annotated[int | None, typer.Option(help="CPUs lent to the grid [default: all].", min=1)] = None,
-    memory: Annotated[str | None, typer.Option(help="Memory lent, e.g. 4G [default: half of RAM].")] = None,
+    cpus: Annotated[int | None, typer.Option(help="CPUs lent to the grid (default: all).", min=1)] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory lent, e.g. 4G (default: half the RAM).")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Capability KEY=VALUE (repeatable).")] = None,
     port: Annotated[int, typer.Option(help="Control port (0: any free port).", min=0, max=65535)] = 0,
-    name: Annotated[str | None, typer.Option(help="Name shown in the grid [default: the host name].")] = None,
+    name: Annotated[str | None, typer.Option(help="Name shown in the grid (default: the host name).")] = None,
     owner_cpu: Annotated[
         float, typer.Option(help="Owner policy: leave the grid when non-grid CPU use (%) stays above this. "
                             "100 turns the policy off.", min=0, max=100)
     ] = 25.0,
     owner_busy_after: Annotated[
-        float, typer.Option(help="...for this many seconds.", min=0)
+        float, typer.Option(help="Seconds the owner's use must stay above --owner-cpu before the node withdraws.", min=0)
     ] = 60.0,
     owner_free_after: Annotated[
         float, typer.Option(help="Come back after the owner's use stayed below the threshold this long (s).", min=0)

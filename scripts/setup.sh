@@ -27,6 +27,11 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+mkdir -p .cache
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]'; } \
+    >.cache/pip-install.log 2>&1; then
+  tail -n 30 .cache/pip-install.log
+  echo "setup: pip install failed (full log: .cache/pip-install.log)" >&2
+  exit 1
+fi
 .venv/bin/python -c "import bonjourgrid, zeroconf, paho.mqtt, typer; print('setup: ok, bonjourgrid', bonjourgrid.__version__)"
