@@ -10,8 +10,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import psutil
 import typer
@@ -28,6 +29,9 @@ from .ownerpolicy import OwnerPolicy
 from .paths import default_key_file, default_state_dir
 from .resources import ThrottlePolicy, default_memory_mib, probe_capabilities
 from .units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from .node import NodeConfig
 
 app = typer.Typer(
     name="bonjourgrid",
@@ -49,7 +53,8 @@ GridOpt = Annotated[
 ]
 StateDirOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", envvar="BONJOURGRID_STATE_DIR", help="Node state directory (default: ~/.local/state/bonjourgrid/node)."),
+    typer.Option("--state-dir", envvar="BONJOURGRID_STATE_DIR",
+                 help="Node state directory (default: ~/.local/state/bonjourgrid/node)."),
 ]
 InterfaceOpt = Annotated[
     str | None,
@@ -143,6 +148,49 @@ def parse_tags(tags: list[str]) -> dict[str, str]:
     return parsed
 
 
+@dataclass
+class OwnerSpec:
+    cpu: float = 25.0
+    busy_after: float = 60.0
+    free_after: float = 300.0
+
+
+def node_config(key_file: Path | None, grid: str, state_dir: Path | None, interface: str | None,
+                cpus: int | None, memory: str | None, tag: list[str] | None, port: int, name: str | None,
+                owner: OwnerSpec, sample_interval: float = 2.0, announce_interval: float = 10.0) -> NodeConfig:
+    """A node's configuration from command-line values, with every mistake reported clearly."""
+    from .node import NodeConfig, safe_hostname
+
+    check_grid(grid)
+    key = load_key(key_file)
+    machine_cpus = psutil.cpu_count() or 1
+    if cpus is not None and cpus > machine_cpus:
+        raise fail(f"--cpus {cpus}: this machine has {machine_cpus}")
+    try:
+        memory_mib = parse_size(memory) >> 20 if memory else default_memory_mib()
+        policy = OwnerPolicy(owner.cpu, owner.busy_after, owner.free_after)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    config = NodeConfig(
+        grid=grid,
+        key=key,
+        state_dir=state_dir or default_state_dir(),
+        addresses=addresses_for(interface),
+        cpus=cpus or machine_cpus,
+        memory_mib=memory_mib,
+        caps=probe_capabilities(parse_tags(tag or [])),
+        owner=policy,
+        throttle=ThrottlePolicy(min_interval=announce_interval),
+        sample_interval=sample_interval,
+        port=port,
+    )
+    if name:
+        config.host = safe_hostname(name)
+    if not config.addresses:
+        raise fail("this machine has no IPv4 address to announce on")
+    return config
+
+
 @app.command()
 def node(
     key_file: KeyFileOpt = None,
@@ -159,7 +207,8 @@ def node(
                             "100 turns the policy off.", min=0, max=100)
     ] = 25.0,
     owner_busy_after: Annotated[
-        float, typer.Option(help="Seconds the owner's use must stay above --owner-cpu before the node withdraws.", min=0)
+        float, typer.Option(help="Seconds the owner's use must stay above --owner-cpu before the node withdraws.",
+                            min=0)
     ] = 60.0,
     owner_free_after: Annotated[
         float, typer.Option(help="Come back after the owner's use stayed below the threshold this long (s).", min=0)
@@ -168,40 +217,20 @@ def node(
     announce_interval: Annotated[
         float, typer.Option(help="Minimum seconds between resource re-announcements.", min=0.0)
     ] = 10.0,
+    broker: Annotated[
+        str | None, typer.Option(help="External MQTT broker for the CEs this node coordinates, mqtt://HOST:PORT "
+                                 "(default: an embedded one per CE).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
     from .mdns import DuplicateNodeId
-    from .node import NodeConfig, NodeDaemon, safe_hostname
+    from .node import NodeDaemon
 
     setup_logging(log_level)
-    check_grid(grid)
-    key = load_key(key_file)
-    machine_cpus = psutil.cpu_count() or 1
-    if cpus is not None and cpus > machine_cpus:
-        raise fail(f"--cpus {cpus}: this machine has {machine_cpus}")
-    try:
-        memory_mib = parse_size(memory) >> 20 if memory else default_memory_mib()
-        owner = OwnerPolicy(owner_cpu, owner_busy_after, owner_free_after)
-    except ValueError as e:
-        raise fail(str(e)) from None
-    config = NodeConfig(
-        grid=grid,
-        key=key,
-        state_dir=state_dir or default_state_dir(),
-        addresses=addresses_for(interface),
-        cpus=cpus or machine_cpus,
-        memory_mib=memory_mib,
-        caps=probe_capabilities(parse_tags(tag or [])),
-        owner=owner,
-        throttle=ThrottlePolicy(min_interval=announce_interval),
-        sample_interval=sample_interval,
-        port=port,
-    )
-    if name:
-        config.host = safe_hostname(name)
-    if not config.addresses:
-        raise fail("this machine has no IPv4 address to announce on")
+    config = node_config(key_file, grid, state_dir, interface, cpus, memory, tag, port, name,
+                         OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)
+    config.broker_url = broker
     try:
         daemon = NodeDaemon(config)
         asyncio.run(daemon.run())
@@ -216,22 +245,15 @@ def node(
 
 def _local_status(state_dir: Path, key: GridKey, grid: str) -> dict[str, object] | None:
     """Ask the node daemon running on this machine for its view, if there is one."""
-    from .envelope import Envelope
-    from .node import NODE_FILE
-    from .wire import request
+    from .localnode import LocalNode, NodeUnavailable, RequestFailed
 
+    node = LocalNode.find(state_dir, key, grid)
+    if node is None:
+        return None
     try:
-        info = json.loads((state_dir / NODE_FILE).read_text())
-        if info.get("grid") != grid or not psutil.pid_exists(int(info["pid"])):
-            return None
-        reply = asyncio.run(
-            request("127.0.0.1", int(info["port"]), key, grid, Envelope("status", "cli"), timeout=3)
-        )
-    except (TimeoutError, OSError, ValueError, KeyError, TypeError):
+        return asyncio.run(node.ask("status", timeout=3))
+    except (NodeUnavailable, RequestFailed):
         return None
-    except Exception:  # a refused or garbled answer: browse instead
-        return None
-    return reply.body
 
 
 def _view_status(view: GridView) -> dict[str, object]:
@@ -336,3 +358,6 @@ def demo(
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
+
+
+from . import cli_jobs  # noqa: E402, F401  (registers the job commands on `app`)

@@ -46,6 +46,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .sandbox import OutputFile  # one manifest entry type, from the sandbox to the journal
+
 SCHEMA_VERSION = 1
 
 TASK_STATES = ("pending", "running", "done", "failed")
@@ -96,22 +98,6 @@ class StaleEpochError(JournalDivergenceError):
 
 
 # ------------------------------------------------------------ data types ----
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """One entry of a result's outputs manifest (the file itself travels over HTTP)."""
-
-    path: str
-    size: int
-    sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OutputFile:
-        return cls(path=str(d["path"]), size=int(d["size"]), sha256=str(d["sha256"]))
 
 
 @dataclass(frozen=True)

@@ -17,22 +17,29 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from . import jobs
 from . import nodestate as ns
 from .announcement import HOST_RE, Announcement, Role
 from .envelope import BadMessage, Envelope, Opener, seal
 from .gridkey import GridKey
 from .gridview import GridView, NodeRecord
+from .localnode import NODE_FILE
 from .mdns import Browser, Publisher, open_zeroconf
 from .ownerpolicy import OwnerMonitor, OwnerPolicy
 from .resources import AnnounceThrottle, ResourceProbe, Resources, ThrottlePolicy
 from .wire import frame, read_frame
+from .worker import WorkerCE
+
+if TYPE_CHECKING:
+    from .coordinator import CoordinatorCE
 
 log = logging.getLogger("bonjourgrid.node")
 
-NODE_FILE = "node.json"  # where a running daemon says how to reach it locally
 
 
 @dataclass
@@ -49,6 +56,7 @@ class NodeConfig:
     sample_interval: float = 2.0
     port: int = 0
     host: str = field(default_factory=lambda: safe_hostname(socket.gethostname()))
+    broker_url: str | None = None  # external MQTT broker for the CEs this node coordinates
 
 
 def safe_hostname(name: str) -> str:
@@ -88,16 +96,26 @@ class NodeDaemon:
         self.resources = Resources(config.cpus, config.memory_mib, 0.0)
         self.busy_slots = 0
         self._stop = asyncio.Event()
+        self.stopping = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self.ces: dict[str, CoordinatorCE] = {}  # CEs this node coordinates or coordinated
+        self.worker: WorkerCE | None = None
         self._publisher: Publisher | None = None
         self._server: asyncio.Server | None = None
         self.port = config.port
 
     # -- lifecycle ----------------------------------------------------------
 
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run in the background, keeping a reference until it ends (asyncio holds only weak ones)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
+    async def run(self, handle_signals: bool = True) -> None:
         cfg = self.config
         azc = open_zeroconf(cfg.addresses)
         # One IPv4 socket on every interface: with port 0, separate sockets
@@ -107,7 +125,7 @@ class NodeDaemon:
         self._publisher = Publisher(azc, cfg.key, cfg.addresses, self.port)
         browser = Browser(azc, self.view, self._on_view_change)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if handle_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         node_file = cfg.state_dir / NODE_FILE
@@ -124,6 +142,9 @@ class NodeDaemon:
             sampler = asyncio.ensure_future(self._sample_forever())
             await self._stop.wait()
             sampler.cancel()
+            self.stopping = True
+            for ce in list(self.ces.values()):
+                await ce.cancel("the coordinator's node daemon stopped")
             log.info("stopping: withdrawing the service")
             await self._execute(self.machine.handle(ns.Shutdown()))
         finally:
@@ -196,6 +217,9 @@ class NodeDaemon:
                     await self._publisher.flush()
                 case ns.LeftCE(ce=ce, reason=reason):
                     log.info("left CE %s: %s", ce, reason)
+                    if self.worker is not None and self.worker.ce == ce:
+                        worker, self.worker = self.worker, None
+                        self.spawn(worker.stop())
                 case ns.Refused(ce=ce, reason=reason):
                     log.info("refused CE %s: %s", ce, reason)
                 case _:
@@ -269,6 +293,55 @@ class NodeDaemon:
             writer.close()
 
     async def _answer(self, req: Envelope) -> dict[str, object]:
-        if req.kind == "status":
-            return self.status()
-        return {"error": f"unknown request {req.kind!r}"}
+        handler = {
+            "status": lambda r: self.status(),
+            "recruit": self._on_recruit,
+            "submit": self._on_submit,
+            "job": self._on_job,
+            "jobs": lambda r: {"jobs": jobs.list_jobs(self)},
+            "cancel": self._on_cancel,
+            "export": self._on_export,
+        }.get(req.kind)
+        if handler is None:
+            return {"error": f"unknown request {req.kind!r}"}
+        try:
+            result = handler(req)
+            return await result if asyncio.iscoroutine(result) else result
+        except jobs.JobRequestError as e:
+            return {"error": str(e)}
+
+    async def _on_recruit(self, req: Envelope) -> dict[str, object]:
+        b = req.body
+        try:
+            ce, lease = str(b["ce"]), float(b["lease"])
+            bus, data, config = str(b["bus"]), b.get("data"), dict(b["config"])
+        except (KeyError, TypeError, ValueError):
+            return {"accepted": False, "reason": "malformed recruit request"}
+        if req.epoch is None or req.ce != ce:
+            return {"accepted": False, "reason": "a recruit request must carry its CE and epoch"}
+        actions = await self.feed(ns.Recruit(ce, req.sender, req.epoch, lease, time.monotonic()))
+        for a in actions:
+            if isinstance(a, ns.Refused):
+                return {"accepted": False, "reason": a.reason}
+        if self.worker is None or self.worker.ce != ce:
+            self.worker = WorkerCE(self, ce, req.epoch, req.sender, lease, bus, data, config)
+            self.worker.start()
+        return {"accepted": True, "slots": self.worker.slots}
+
+    async def _on_submit(self, req: Envelope) -> dict[str, object]:
+        ce = await jobs.submit(self, req.body)
+        return {"job": ce.job_id}
+
+    def _on_job(self, req: Envelope) -> dict[str, object]:
+        return jobs.job_status(self, str(req.body.get("job", "")))
+
+    async def _on_cancel(self, req: Envelope) -> dict[str, object]:
+        job = str(req.body.get("job", ""))
+        ce = self.ces.get(job)
+        if ce is None or ce.state not in ("starting", "running"):
+            raise jobs.JobRequestError(f"no running job {job!r} on this node")
+        await ce.cancel()
+        return {"job": job, "state": ce.state}
+
+    async def _on_export(self, req: Envelope) -> dict[str, object]:
+        return await jobs.export(self, str(req.body.get("job", "")), Path(str(req.body.get("dest", ""))))

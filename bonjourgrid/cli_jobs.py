@@ -1,0 +1,258 @@
+"""Job commands: submit, jobs, status, results, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import (
+    GridOpt,
+    KeyFileOpt,
+    OwnerSpec,
+    StateDirOpt,
+    app,
+    check_grid,
+    err,
+    fail,
+    load_key,
+    node_config,
+    out,
+)
+from .jobspec import JobFileError, JobSpec, load_job, sweep_job
+from .localnode import LocalNode, NodeUnavailable, RequestFailed, wait_for_node
+from .paths import default_state_dir
+
+FINAL = ("done", "failed", "cancelled")
+
+
+def _node(key_file: Path | None, grid: str, state_dir: Path | None) -> LocalNode:
+    check_grid(grid)
+    node = LocalNode.find(state_dir or default_state_dir(), load_key(key_file), grid)
+    if node is None:
+        raise fail("no node daemon runs here for this grid (start one with `bonjourgrid node`, "
+                   "or pass the --state-dir it uses)")
+    return node
+
+
+def _ask(node: LocalNode, kind: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    try:
+        return asyncio.run(node.ask(kind, body))
+    except RequestFailed as e:
+        raise fail(str(e), 1) from None
+    except NodeUnavailable as e:
+        raise fail(str(e), 1) from None
+
+
+@app.command()
+def submit(
+    args: Annotated[list[str] | None, typer.Argument(help="JOB.toml, or with --tasks: the command, after --")] = None,
+    tasks: Annotated[int | None, typer.Option(help="Short form: run the command N times, {i} = task index.",
+                                              min=1)] = None,
+    backend: Annotated[str | None, typer.Option(help="Backend (default: the job file's, or native).")] = None,
+    name: Annotated[str | None, typer.Option(help="Short form: the job's name.")] = None,
+    input_: Annotated[list[str] | None, typer.Option("--input", help="Short form: input file (repeatable).")] = None,
+    output: Annotated[list[str] | None, typer.Option(help="Short form: output file or glob (repeatable).")] = None,
+    require: Annotated[list[str] | None, typer.Option(help="Short form: required capability (repeatable).")] = None,
+    memory: Annotated[str | None, typer.Option(help="Short form: memory per task, e.g. 256M.")] = None,
+    retries: Annotated[int | None, typer.Option(help="Short form: retries of a failed task.", min=0)] = None,
+    timeout: Annotated[str | None, typer.Option(help="Short form: time limit per task, e.g. 90s, 10m.")] = None,
+    results: Annotated[Path | None, typer.Option(help="Where results land (default: ./results/<job>/).")] = None,
+    detach: Annotated[bool, typer.Option("--detach/--wait", help="Return at once, or wait for the results.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary at the end.")] = False,
+    broker: Annotated[str | None, typer.Option(help="External MQTT broker mqtt://HOST:PORT for this CE.")] = None,
+    key_file: KeyFileOpt = None,
+    grid: GridOpt = "default",
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Submit a job: this node becomes a coordinator, recruits idle desktops, runs it, returns the results.
+
+    Examples: `bonjourgrid submit job.toml`;
+    `bonjourgrid submit --tasks 100 -- python3 sim.py --seed {i}`.
+    """
+    check_grid(grid)
+    key = load_key(key_file)
+    short = {"name": name, "inputs": input_, "outputs": output, "requires": require, "memory": memory,
+             "retries": retries, "timeout": timeout}
+    spec = _job_from_args(args or [], tasks, backend, short)
+    sd = state_dir or default_state_dir()
+    node = LocalNode.find(sd, key, grid)
+    if node is None and detach:
+        raise fail("--detach needs a node daemon running here (`bonjourgrid node`); without one, "
+                   "submit runs a temporary node and must wait")
+    config = None
+    if node is None:
+        err.print("[dim]no node daemon runs here: starting a temporary one for this job[/]")
+        config = node_config(key_file, grid, sd, None, None, None, None, 0, None, OwnerSpec(cpu=100.0))
+    code = asyncio.run(_submit(spec, node, config, results, detach, as_json, broker, key, grid, sd))
+    raise typer.Exit(code)
+
+
+def _job_from_args(args: list[str], tasks: int | None, backend: str | None, short: dict[str, Any]) -> JobSpec:
+    try:
+        if tasks is not None:
+            if not args:
+                raise fail("--tasks needs a command after --, e.g. --tasks 10 -- echo {i}")
+            return sweep_job(args, tasks, backend=backend or "native", base_dir=Path.cwd(), **short)
+        if len(args) != 1:
+            raise fail("give one job file, or --tasks N -- COMMAND ...")
+        given = [k for k, v in short.items() if v]
+        if given:
+            raise fail(f"--{given[0]} is for the short form (--tasks); in a job file, set it in the file")
+        spec = load_job(Path(args[0]))
+    except JobFileError as e:
+        raise fail(str(e)) from None
+    if backend:
+        d = spec.to_dict()
+        d["backend"] = backend
+        spec = JobSpec.from_dict(d)
+    return spec
+
+
+async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: Path | None, detach: bool,
+                  as_json: bool, broker: str | None, key: Any, grid: str, state_dir: Path) -> int:
+    temp = None
+    if node is None:
+        from .node import NodeDaemon
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("zeroconf").setLevel(logging.ERROR)
+        daemon = NodeDaemon(config)
+        temp = asyncio.ensure_future(daemon.run(handle_signals=False))
+        node = await wait_for_node(state_dir, key, grid)
+        await asyncio.sleep(1.0)  # let the temporary node hear the grid's announcements
+    try:
+        try:
+            reply = await node.ask("submit", {"job": spec.to_dict(), "broker": broker}, timeout=60)
+        except (RequestFailed, NodeUnavailable) as e:
+            err.print(f"[bold red]error:[/] {e}")
+            return 1
+        job = str(reply["job"])
+        if detach:
+            out.print(f"submitted [bold]{job}[/]; follow it with `bonjourgrid status {job}`")
+            return 0
+        status = await _follow(node, job, len(spec.tasks), as_json)
+        dest = (results or Path("results") / job).resolve()
+        if status["state"] != "cancelled" or status["tasks_done"]:
+            status = await node.ask("export", {"job": job, "dest": str(dest)}, timeout=600)
+        _report(status, as_json)
+        return 0 if status["state"] == "done" else 1
+    finally:
+        if temp is not None:
+            daemon.request_stop()
+            await temp
+
+
+async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> dict[str, Any]:
+    """Progress until the job ends; Ctrl-C asks: cancel the job, or detach and leave it running."""
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=False, disable=quiet) as bar:
+            t = bar.add_task(job, total=total, info="starting")
+            while True:
+                status = await node.ask("job", {"job": job})
+                finished = status["tasks_done"] + status["tasks_failed"]
+                bar.update(t, completed=finished, info=(
+                    f"{status['tasks_running']} running, {status['tasks_failed']} failed, "
+                    f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
+                if status["state"] in FINAL:
+                    return status
+                if interrupted.is_set():
+                    interrupted.clear()
+                    if await _ask_cancel(bar):
+                        await node.ask("cancel", {"job": job})
+                    else:
+                        bar.stop()
+                        err.print(f"detached: {job} keeps running; `bonjourgrid status {job}`, "
+                                  f"`bonjourgrid results {job}`")
+                        raise SystemExit(0)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), 0.25)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _ask_cancel(bar: Progress) -> bool:
+    if not sys.stdin.isatty():
+        return True
+    bar.stop()
+    answer = await asyncio.to_thread(input, "\nCancel the job [c], or detach and leave it running [d]? ")
+    bar.start()
+    return not answer.strip().lower().startswith("d")
+
+
+def _report(status: dict[str, Any], as_json: bool) -> None:
+    summary = {k: status.get(k) for k in ("job", "state", "tasks_total", "tasks_done", "tasks_failed",
+                                          "results_dir", "workers_used", "seconds", "message")}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    colour = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(status["state"], "white")
+    out.print(f"[bold {colour}]{status['job']}: {status['state']}[/] — {status['tasks_done']} done, "
+              f"{status['tasks_failed']} failed of {status['tasks_total']} on {status['workers_used']} worker(s) "
+              f"in {status['seconds']:.1f}s")
+    if status.get("message"):
+        out.print(status["message"])
+    if status.get("results_dir"):
+        out.print(f"results in {status['results_dir']}")
+
+
+@app.command()
+def jobs(key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None,
+         as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the jobs this node coordinates or coordinated."""
+    listed = _ask(_node(key_file, grid, state_dir), "jobs")["jobs"]
+    if as_json:
+        print(json.dumps(listed, indent=2))
+        return
+    table = Table(title=f"{len(listed)} job(s)", title_justify="left")
+    for col in ("job", "state", "done", "failed", "total", "workers", "seconds"):
+        table.add_column(col)
+    for j in listed:
+        table.add_row(j["job"], j["state"], str(j["tasks_done"]), str(j["tasks_failed"]), str(j["tasks_total"]),
+                      str(j["workers_used"]), f"{j['seconds']:.1f}")
+    out.print(table)
+
+
+@app.command()
+def status(job: str, key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show one job's progress."""
+    s = _ask(_node(key_file, grid, state_dir), "job", {"job": job})
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    out.print(f"[bold]{s['job']}[/] {s['state']}: {s['tasks_done']} done, {s['tasks_failed']} failed, "
+              f"{s['tasks_running']} running, {s['tasks_pending']} pending of {s['tasks_total']}; "
+              f"{s['workers']} worker(s) now, {s['workers_used']} used; {s['seconds']:.1f}s")
+    if s.get("message"):
+        out.print(s["message"])
+
+
+@app.command()
+def results(job: str, dest: Annotated[Path | None, typer.Option(help="Default: ./results/<job>/")] = None,
+            key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None) -> None:
+    """Write a job's results (per task stdout, stderr, outputs; summary.json) to a directory."""
+    target = (dest or Path("results") / job).resolve()
+    s = _ask(_node(key_file, grid, state_dir), "export", {"job": job, "dest": str(target)})
+    out.print(f"{s['job']} ({s['state']}): results in {s['results_dir']}")
+
+
+@app.command()
+def cancel(job: str, key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None) -> None:
+    """Cancel a running job: its tasks stop and its workers are released."""
+    s = _ask(_node(key_file, grid, state_dir), "cancel", {"job": job})
+    out.print(f"{s['job']}: {s['state']}")

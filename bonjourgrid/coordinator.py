@@ -1,0 +1,483 @@
+"""A computing element, coordinator side: journal, bus, data endpoint, recruitment, results, release.
+
+Created on the submitting node by the node daemon. The backend's coordinator
+half decides how tasks reach workers; everything around it (who is in the
+CE, what is durable, when the job is over) lives here, the same for every
+backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import backend as backends
+from .broker import BrokerHandle, start_embedded_broker_async
+from .bus import Bus, bus_credentials, topic
+from .datasrv import DataServer, sha256_file
+from .envelope import Envelope
+from .jobspec import JobSpec
+from .journal import FailureOutcome, Journal, OutputFile, ResultRecord
+from .sandbox import safe_join
+from .scheduler import Dispatch, Needs, explain_no_match, recruitable
+from .wire import request
+
+if TYPE_CHECKING:
+    from .node import NodeDaemon
+
+log = logging.getLogger("bonjourgrid.ce")
+
+HEARTBEAT_S = 1.0
+WORKER_TIMEOUT_S = 5.0
+LEASE_S = 30.0
+RECRUIT_EVERY_S = 0.5
+NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
+REFUSED_BACKOFF_S = 5.0
+
+
+class CoordinatorCE:
+    def __init__(self, daemon: NodeDaemon, job: JobSpec, job_id: str, ce_dir: Path, *,
+                 broker_url: str | None = None, lease_s: float = LEASE_S,
+                 worker_timeout_s: float = WORKER_TIMEOUT_S) -> None:
+        self.daemon = daemon
+        self.job = job
+        self.job_id = job_id
+        self.ce = job_id
+        self.dir = ce_dir
+        self.grid = daemon.config.grid
+        self.key = daemon.config.key
+        self.epoch = 1
+        self.lease_s = lease_s
+        self.worker_timeout_s = worker_timeout_s
+        self.external_broker = broker_url
+        self.needs = Needs(job.requires, job.cpus, job.memory_bytes)
+        self.dispatch = Dispatch(range(len(job.tasks)))
+        self.journal: Journal | None = None
+        self.broker: BrokerHandle | None = None
+        self.bus: Bus | None = None
+        self.data: DataServer | None = None
+        self.half: backends.CoordinatorHalf | None = None
+        self.worker_config: dict[str, Any] = {}
+        self.inputs: list[dict[str, Any]] = []
+        self.workers_seen: set[str] = set()
+        self.recruited: dict[str, float] = {}  # node -> when it accepted (until it says hello)
+        self.refused: dict[str, float] = {}  # node -> when it refused (back off)
+        self.last_seen: dict[str, float] = {}
+        self.sessions: dict[str, str] = {}
+        self.state = "starting"
+        self.message = ""
+        self.started_at = time.time()
+        self.first_task_at: float | None = None
+        self.finished_at: float | None = None
+        self.counts = {"done": 0, "failed": 0}
+        self._done = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+        self.on_finish: Callable[[CoordinatorCE], None] | None = None
+
+    # ------------------------------------------------------------ lifecycle --
+
+    @property
+    def address(self) -> str:
+        return self.daemon.config.addresses[0]
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "outputs").mkdir(exist_ok=True)
+        self.journal = await asyncio.to_thread(Journal.open, self.dir / "journal.db")
+        spec = self.job.to_dict()
+        task_specs = spec.pop("tasks")
+        await asyncio.to_thread(self.journal.create_job, self.job_id, spec, task_specs,
+                                submitter=self.daemon.node_id, created_at=self.started_at)
+        (self.dir / "job.json").write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
+        self.inputs = await asyncio.to_thread(self._stage_inputs)
+        user, password = bus_credentials(self.key, self.grid, self.ce)
+        if self.external_broker:
+            url = self.external_broker
+        else:
+            self.broker = await start_embedded_broker_async(self.address, 0, username=user, password=password,
+                                                            log_file=self.dir / "broker.log")
+            url = self.broker.url.replace("127.0.0.1", self.address)
+        self.bus = Bus(url, self.key, self.grid, f"c-{self.daemon.node_id}-{self.ce}"[:64],
+                       username=user, password=password, keepalive=2)
+        await self.bus.connect()
+        await self.bus.subscribe(topic(self.grid, self.ce, "coord"), self._on_coord_message)
+        self.data = DataServer(self.key, self.ce, self.dir / "inputs", self.dir / "staging", self.address)
+        self.data.start()
+        self.half = backends.load(self.job.backend).coordinator(self)
+        self.worker_config = {
+            "job": self.job_id,
+            "backend": self.job.backend,
+            "inputs": self.inputs,
+            "outputs": list(self.job.outputs),
+            "cpus": self.job.cpus,
+            "memory_bytes": self.job.memory_bytes,
+            "timeout_s": self.job.timeout_s,
+            "runtime": self.job.runtime,
+            "image": self.job.image,
+            "network": self.job.network,
+            "backend_config": await self.half.start(),
+        }
+        self.bus_url = url
+        self.state = "running"
+        log.info("CE %s: coordinating job %s (%d tasks, backend %s), bus %s, data %s", self.ce, self.job.name,
+                 len(self.job.tasks), self.job.backend, url, self.data.url)
+        self._tasks = [asyncio.ensure_future(self._heartbeat_loop()), asyncio.ensure_future(self._recruit_loop())]
+
+    def _stage_inputs(self) -> list[dict[str, Any]]:
+        """Copy the job's inputs into the CE, named by content, so workers fetch each once."""
+        store = self.dir / "inputs"
+        store.mkdir(exist_ok=True)
+        manifest = []
+        for f in self.job.inputs:
+            sha = sha256_file(f.source)
+            dest = store / sha
+            if not dest.exists():
+                shutil.copyfile(f.source, dest)
+            manifest.append({"dest": f.dest, "sha256": sha, "size": dest.stat().st_size})
+        return manifest
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    async def cancel(self, reason: str = "cancelled by the user") -> None:
+        if self.state in ("running", "starting"):
+            self.message = reason
+            if self.half:
+                await self.half.cancel()
+            await self._finish("cancelled")
+
+    async def _finish(self, state: str) -> None:
+        async with self._lock:
+            if self._done.is_set():
+                return
+            self.state = state
+            self.finished_at = time.time()
+            for t in self._tasks:
+                t.cancel()
+            if self.journal:
+                await asyncio.to_thread(self.journal.set_job_state, self.job_id, state, self.finished_at)
+            with contextlib.suppress(Exception):
+                if self.bus and self.bus.connected:
+                    await self.bus.publish(topic(self.grid, self.ce, "all"),
+                                           self._env("release", {"state": state}))
+            log.info("CE %s: job %s %s (%d done, %d failed) in %.1fs%s", self.ce, self.job.name, state,
+                     self.counts["done"], self.counts["failed"], self.finished_at - self.started_at,
+                     f": {self.message}" if self.message else "")
+            await self._teardown()
+            self._done.set()
+            if self.on_finish:
+                self.on_finish(self)
+
+    async def _teardown(self) -> None:
+        if self.half:
+            with contextlib.suppress(Exception):
+                await self.half.stop()
+        if self.bus:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+        if self.broker:
+            await asyncio.to_thread(self.broker.stop)
+        if self.data:
+            await asyncio.to_thread(self.data.stop)
+        if self.journal:
+            self.journal.close()
+            self.journal = None
+        self._write_summary()
+
+    # ------------------------------------------------------------- messages --
+
+    def _env(self, kind: str, body: dict[str, Any]) -> Envelope:
+        return Envelope(kind=kind, sender=self.daemon.node_id, body=body, ce=self.ce, epoch=self.epoch)
+
+    async def send(self, node: str, kind: str, body: dict[str, Any]) -> None:
+        assert self.bus is not None
+        await self.bus.publish(topic(self.grid, self.ce, "w", node), self._env(kind, body))
+
+    async def _on_coord_message(self, _topic: str, env: Envelope) -> None:
+        if env.ce != self.ce or (env.epoch is not None and env.epoch > self.epoch):
+            return
+        node = env.sender
+        if self._done.is_set():
+            return
+        self.last_seen[node] = time.monotonic()
+        if env.kind == "hello":
+            await self._worker_hello(node, env)
+        elif env.kind == "hb":
+            if node not in self.dispatch.workers and node not in self.recruited:
+                await self.send(node, "release", {"reason": "not a member of this CE"})
+        elif env.kind in ("bye", "lost"):
+            if env.kind == "lost" and env.nonce != self.sessions.get(node):
+                return  # the will (its nonce is the bus session) of an older connection of a worker
+            await self.worker_lost(node, "left the CE" if env.kind == "bye" else "connection lost")
+        elif self.half is not None:
+            await self.half.on_message(env)
+
+    async def _worker_hello(self, node: str, env: Envelope) -> None:
+        slots = int(env.body.get("slots", 1))
+        self.recruited.pop(node, None)
+        self.sessions[node] = str(env.body.get("session", ""))
+        if node in self.dispatch.workers:
+            return
+        self.dispatch.add_worker(node, max(1, slots))
+        self.workers_seen.add(node)
+        log.info("CE %s: worker %s joined with %d slot(s)", self.ce, node[:8], slots)
+        assert self.half is not None
+        await self.half.worker_joined(node, slots)
+
+    async def worker_lost(self, node: str, reason: str) -> None:
+        if node not in self.dispatch.workers:
+            return
+        lost = self.dispatch.remove_worker(node)
+        self.last_seen.pop(node, None)
+        if self.journal and lost:
+            await asyncio.to_thread(self.journal.requeue_node, self.job_id, node, reason)
+        log.warning("CE %s: worker %s lost (%s); %d task(s) requeued", self.ce, node[:8], reason, len(lost))
+        assert self.half is not None
+        await self.half.worker_lost(node, lost)
+        await self._check_settled()
+
+    async def release_worker(self, node: str, reason: str) -> None:
+        """Give a worker back to its owner/the grid (the CE shrinks)."""
+        if node in self.dispatch.workers and not self.dispatch.workers[node].running:
+            self.dispatch.remove_worker(node)
+            log.info("CE %s: releasing worker %s (%s)", self.ce, node[:8], reason)
+            await self.send(node, "release", {"reason": reason})
+
+    # ---------------------------------------------------------------- loops --
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.bus is not None
+        while True:
+            try:
+                await self.bus.publish(topic(self.grid, self.ce, "all"),
+                                       self._env("hb", {"lease": self.lease_s}), qos=0)
+                now = time.monotonic()
+                silent = [n for n in self.dispatch.workers if now - self.last_seen.get(n, now) > self.worker_timeout_s]
+                for node in silent:
+                    await self.worker_lost(node, f"silent for {self.worker_timeout_s:g}s")
+            except Exception:
+                log.exception("CE %s: heartbeat failed", self.ce)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _recruit_loop(self) -> None:
+        while True:
+            try:
+                await self._recruit_once()
+            except Exception:
+                log.exception("CE %s: recruitment round failed", self.ce)
+            await asyncio.sleep(RECRUIT_EVERY_S)
+
+    async def _recruit_once(self) -> None:
+        now = time.monotonic()
+        for node in self.dispatch.idle_workers():
+            await self.release_worker(node, "no tasks left for it")
+        # accepted but never said hello: give up on them after the worker timeout
+        for node, at in list(self.recruited.items()):
+            if now - at > self.worker_timeout_s * 2:
+                del self.recruited[node]
+        wanted = self.dispatch.workers_wanted(self.job.workers_max)
+        if self.job.workers_max is not None:
+            wanted = min(wanted, self.job.workers_max - len(self.dispatch.workers) - len(self.recruited))
+        anns = [r.ann for r in self.daemon.view.nodes.values()]
+        if wanted > 0:
+            exclude = set(self.dispatch.workers) | set(self.recruited) | {self.daemon.node_id}
+            exclude |= {n for n, at in self.refused.items() if now - at < REFUSED_BACKOFF_S}
+            picks, slots = [], 0
+            for ann in recruitable(anns, self.needs, exclude):
+                if slots >= wanted:
+                    break
+                picks.append(ann)
+                slots += max(ann.free_slots, 1)
+            if picks:
+                await asyncio.gather(*(self._recruit(a.node_id) for a in picks))
+        nobody = not self.dispatch.workers and not self.recruited and not self.workers_seen
+        if nobody and time.time() - self.started_at > NO_MATCH_GRACE_S:
+            visible = [a for a in anns if a.node_id != self.daemon.node_id]
+            self.message = "nobody can run this job: " + explain_no_match(visible, self.needs)
+            await self._finish("failed")
+
+    async def _recruit(self, node: str) -> None:
+        rec = self.daemon.view.nodes.get(node)
+        if rec is None or not rec.addresses:
+            return
+        body = {"ce": self.ce, "coordinator": self.daemon.node_id, "lease": self.lease_s, "bus": self.bus_url,
+                "data": self.data.url if self.data else None, "config": self.worker_config}
+        try:
+            reply = await request(rec.addresses[0], rec.port, self.key, self.grid,
+                                  Envelope("recruit", self.daemon.node_id, body, ce=self.ce, epoch=self.epoch),
+                                  timeout=3.0)
+        except (TimeoutError, OSError, Exception) as e:
+            log.info("CE %s: could not recruit %s: %s", self.ce, rec.ann.host, e)
+            self.refused[node] = time.monotonic()
+            return
+        if reply.body.get("accepted"):
+            self.recruited[node] = time.monotonic()
+            log.info("CE %s: recruited %s (%s)", self.ce, rec.ann.host, node[:8])
+        else:
+            self.refused[node] = time.monotonic()
+            log.info("CE %s: %s refused: %s", self.ce, rec.ann.host, reply.body.get("reason"))
+
+    # -------------------------------------------------------------- results --
+
+    async def assign(self, node: str, n: int) -> list[tuple[int, int]]:
+        """Take up to n tasks for `node` and mark them running; returns (index, attempt) pairs."""
+        picked = self.dispatch.take(node, n)
+        if not picked:
+            return []
+        assert self.journal is not None
+        journal, job_id, now = self.journal, self.job_id, time.time()
+
+        def mark() -> list[tuple[int, int]]:
+            with journal.batch():
+                return [(i, journal.mark_running(job_id, i, node, now)) for i in picked]
+
+        out = await asyncio.to_thread(mark)
+        if self.first_task_at is None:
+            self.first_task_at = now
+        return out
+
+    async def grant_waiting(self) -> dict[str, list[tuple[int, int]]]:
+        """Hand requeued tasks to workers that asked for work earlier and got none."""
+        grants = {}
+        for node, w in list(self.dispatch.workers.items()):
+            if w.waiting and self.dispatch.pending:
+                got = await self.assign(node, w.waiting)
+                if got:
+                    grants[node] = got
+        return grants
+
+    async def accept_results(self, node: str, items: list[dict[str, Any]]) -> list[list[int]]:
+        """Record results (exactly once, durably) and return the (index, attempt) pairs to acknowledge."""
+        assert self.journal is not None
+        prepared = []
+        for item in items:
+            try:
+                index, attempt = int(item["index"]), int(item["attempt"])
+                if not 0 <= index < len(self.job.tasks):
+                    raise ValueError(f"no task {index}")
+                record = self._record(node, item)
+                ok = item.get("ok") is True
+                if ok:
+                    await asyncio.to_thread(self._store_outputs, index, attempt, item)
+                prepared.append((index, attempt, ok, record))
+            except (KeyError, ValueError, TypeError, OSError) as e:
+                log.warning("CE %s: dropping a bad result from %s: %s", self.ce, node[:8], e)
+        journal, job_id, max_failures = self.journal, self.job_id, self.job.retries + 1
+
+        def record_all() -> list[tuple[int, bool, FailureOutcome | None]]:
+            out = []
+            with journal.batch():
+                for index, _attempt, ok, record in prepared:
+                    if ok:
+                        out.append((index, journal.record_result(job_id, index, record), None))
+                    else:
+                        out.append((index, False, journal.record_failure(job_id, index, record,
+                                                                         max_failures=max_failures)))
+            return out
+
+        outcomes = await asyncio.to_thread(record_all)
+        requeued = False
+        for index, recorded, failure in outcomes:
+            if recorded:
+                self.counts["done"] += 1
+                self.dispatch.finish(index)
+            elif failure is FailureOutcome.REQUEUED:
+                self.dispatch.requeue(index)
+                requeued = True
+            elif failure is FailureOutcome.FAILED:
+                self.counts["failed"] += 1
+                self.dispatch.finish(index)
+                log.info("CE %s: task %d failed for good after %d attempt(s)", self.ce, index, max_failures)
+            elif self.dispatch.running.get(index) == node:
+                self.dispatch.finish(index)  # duplicate or stale report: the slot is free all the same
+        if requeued and self.half:
+            await self.half.tasks_requeued()
+        await self._check_settled()
+        return [[i, a] for i, a, _, _ in prepared]
+
+    def _record(self, node: str, item: dict[str, Any]) -> ResultRecord:
+        outs = tuple(OutputFile.from_dict(o) for o in item.get("outputs", ()))
+        code = item.get("exit_code")
+        return ResultRecord(
+            exit_code=-1 if code is None else int(code),
+            started_at=float(item.get("started_at", 0.0)),
+            finished_at=float(item.get("ended_at", 0.0)),
+            node_id=node,
+            attempt=int(item["attempt"]),
+            stdout=base64.b64decode(item.get("stdout", "")),
+            stderr=base64.b64decode(item.get("stderr", "")),
+            outputs=outs,
+            extra={k: item[k] for k in ("error", "timed_out", "stdout_truncated", "stderr_truncated") if item.get(k)},
+        )
+
+    def _store_outputs(self, index: int, attempt: int, item: dict[str, Any]) -> None:
+        """Put a successful attempt's files in place (inline ones written, uploaded ones moved), checked by sha256."""
+        dest_root = self.dir / "outputs" / str(index)
+        staged = self.dir / "staging" / f"{index}-{attempt}"
+        inline = item.get("inline") or {}
+        for o in item.get("outputs", ()):
+            rel, sha = str(o["path"]), str(o["sha256"])
+            dest = safe_join(dest_root, rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if rel in inline:
+                data = base64.b64decode(inline[rel])
+                if hashlib.sha256(data).hexdigest() != sha:
+                    raise ValueError(f"inline output {rel} does not match its sha256")
+                tmp = dest.with_name(dest.name + ".part")
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)
+            else:
+                src = safe_join(staged, rel)
+                if not src.is_file():
+                    if dest.is_file() and sha256_file(dest) == sha:
+                        continue  # a resent result whose file we already moved
+                    raise ValueError(f"output {rel} was never uploaded")
+                if sha256_file(src) != sha:
+                    raise ValueError(f"uploaded output {rel} does not match its sha256")
+                os.replace(src, dest)
+        shutil.rmtree(staged, ignore_errors=True)
+
+    async def _check_settled(self) -> None:
+        if self.state == "running" and self.dispatch.pending == 0 and not self.dispatch.running:
+            await self._finish("failed" if self.counts["failed"] else "done")
+
+    # ---------------------------------------------------------------- status --
+
+    def status(self) -> dict[str, Any]:
+        end = self.finished_at or time.time()
+        elapsed = end - self.started_at
+        done, failed = self.counts["done"], self.counts["failed"]
+        return {
+            "job": self.job_id,
+            "name": self.job.name,
+            "ce": self.ce,
+            "backend": self.job.backend,
+            "state": self.state,
+            "message": self.message,
+            "tasks_total": len(self.job.tasks),
+            "tasks_done": done,
+            "tasks_failed": failed,
+            "tasks_running": len(self.dispatch.running),
+            "tasks_pending": self.dispatch.pending,
+            "workers": len(self.dispatch.workers),
+            "workers_used": len(self.workers_seen),
+            "seconds": round(elapsed, 3),
+            "tasks_per_second": round((done + failed) / elapsed, 2) if elapsed > 0 else 0.0,
+            "first_task_after": round(self.first_task_at - self.started_at, 3) if self.first_task_at else None,
+        }
+
+    def _write_summary(self) -> None:
+        tmp = self.dir / "status.json.tmp"
+        tmp.write_text(json.dumps(self.status()))
+        os.replace(tmp, self.dir / "status.json")

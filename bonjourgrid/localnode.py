@@ -1,0 +1,69 @@
+"""How commands reach the node daemon running on this machine (or run a temporary one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .envelope import BadMessage, Envelope
+from .gridkey import GridKey
+from .wire import request
+
+NODE_FILE = "node.json"
+
+
+class NodeUnavailable(Exception):
+    pass
+
+
+class RequestFailed(Exception):
+    """The node answered with an error meant for the user."""
+
+
+@dataclass
+class LocalNode:
+    state_dir: Path
+    key: GridKey
+    grid: str
+    port: int = 0
+    node_id: str = ""
+
+    @classmethod
+    def find(cls, state_dir: Path, key: GridKey, grid: str) -> LocalNode | None:
+        """The daemon of this state dir, if it runs (its node.json names a live pid and our grid)."""
+        try:
+            info = json.loads((state_dir / NODE_FILE).read_text())
+            if info.get("grid") != grid or not psutil.pid_exists(int(info["pid"])):
+                return None
+            return cls(state_dir, key, grid, int(info["port"]), str(info["node_id"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def ask(self, kind: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        try:
+            reply = await request("127.0.0.1", self.port, self.key, self.grid, Envelope(kind, "cli", body or {}),
+                                  timeout=timeout)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, BadMessage) as e:
+            raise NodeUnavailable(f"the local node daemon did not answer: {e}") from None
+        if "error" in reply.body:
+            raise RequestFailed(str(reply.body["error"]))
+        return reply.body
+
+
+async def wait_for_node(state_dir: Path, key: GridKey, grid: str, timeout: float = 30.0) -> LocalNode:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        node = LocalNode.find(state_dir, key, grid)
+        if node is not None:
+            with contextlib.suppress(NodeUnavailable, RequestFailed):
+                await node.ask("status", timeout=2)
+                return node
+        await asyncio.sleep(0.05)
+    raise NodeUnavailable("the temporary node daemon did not come up")

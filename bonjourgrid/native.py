@@ -1,0 +1,242 @@
+"""The built-in backend: workers pull batches of tasks over the CE bus and run them with `Executor`.
+
+Pull-based dispatch (as in Dask's work stealing or a pilot-job system): a
+worker asks for as many tasks as it has free slots plus a small prefetch, so
+the coordinator never has to guess a worker's capacity and a fast worker
+simply asks more often. Results go back in batches; a worker keeps each
+result until the coordinator acknowledges it, and resends it otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .backend import Backend, CoordinatorHalf, WorkerHalf
+from .coordinator import CoordinatorCE
+from .datasrv import DataError, fetch, upload
+from .envelope import Envelope
+from .execution import Executor, Limits, TaskOutcome, TaskRun
+from .sandbox import safe_join
+from .worker import WorkerCE
+
+log = logging.getLogger("bonjourgrid.native")
+
+INLINE_MAX = 256 << 10  # outputs up to this size travel inside the result message
+PREFETCH = 2  # tasks held beyond the free slots, so a slot never waits for a round trip
+RESEND_S = 3.0
+
+
+class NativeBackend(Backend):
+    name = "native"
+    description = "built in: tasks as processes or docker containers, pulled by the workers over the CE bus"
+
+    def coordinator(self, ce: CoordinatorCE) -> CoordinatorHalf:
+        return NativeCoordinator(ce)
+
+    def worker(self, worker: WorkerCE) -> WorkerHalf:
+        return NativeWorker(worker)
+
+
+class NativeCoordinator(CoordinatorHalf):
+    ce: CoordinatorCE
+
+    async def on_message(self, env: Envelope) -> None:
+        node = env.sender
+        if env.kind == "pull":
+            n = int(env.body.get("n", 1))
+            if node in self.ce.dispatch.workers and 0 < n <= 10_000:
+                await self._send_tasks(node, await self.ce.assign(node, n))
+        elif env.kind == "results":
+            items = env.body.get("items")
+            if isinstance(items, list):
+                acks = await self.ce.accept_results(node, items)
+                if acks and not self.ce._done.is_set():
+                    await self.ce.send(node, "acks", {"items": acks})
+
+    async def tasks_requeued(self) -> None:
+        for node, tasks in (await self.ce.grant_waiting()).items():
+            await self._send_tasks(node, tasks)
+
+    async def worker_lost(self, node_id: str, requeued: list[int]) -> None:
+        await self.tasks_requeued()
+
+    async def cancel(self) -> None:
+        for node in list(self.ce.dispatch.workers):
+            with contextlib.suppress(Exception):
+                await self.ce.send(node, "cancel", {})
+
+    async def _send_tasks(self, node: str, tasks: list[tuple[int, int]]) -> None:
+        if not tasks:
+            return
+        specs = self.ce.job.tasks
+        items = [{"index": i, "attempt": a, "argv": list(specs[i].argv), "env": specs[i].env} for i, a in tasks]
+        await self.ce.send(node, "tasks", {"items": items})
+
+
+class NativeWorker(WorkerHalf):
+    worker: WorkerCE
+
+    def __init__(self, worker: WorkerCE) -> None:
+        super().__init__(worker)
+        self.executor = Executor()
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.outstanding = 0  # tasks asked for and not yet received
+        self.in_hand = 0  # received and not yet finished
+        self.unacked: dict[tuple[int, int], dict[str, Any]] = {}
+        self.sent_at: dict[tuple[int, int], float] = {}
+        self._results: list[dict[str, Any]] = []
+        self._flush = asyncio.Event()
+        self._inputs_ready: asyncio.Task[Path] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        cfg = self.worker.config
+        self._inputs_ready = asyncio.ensure_future(self._fetch_inputs(cfg.get("inputs") or []))
+        sender = asyncio.ensure_future(self._send_results_forever())
+        try:
+            await self._pull()
+            while True:
+                item = await self.queue.get()
+                task = asyncio.ensure_future(self._run_one(item))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            sender.cancel()
+            for t in list(self._running):
+                t.cancel()
+            self.executor.close()
+
+    async def _pull(self) -> None:
+        want = self.worker.slots + PREFETCH - self.in_hand - self.outstanding
+        if want > 0:
+            self.outstanding += want
+            await self.worker.publish("pull", {"n": want})
+
+    async def on_message(self, env: Envelope) -> None:
+        if env.kind == "tasks":
+            items = env.body.get("items") or []
+            self.outstanding = max(self.outstanding - len(items), 0)
+            for item in items:
+                self.in_hand += 1
+                self.queue.put_nowait(item)
+        elif env.kind == "acks":
+            for index, attempt in env.body.get("items") or []:
+                self.unacked.pop((index, attempt), None)
+                self.sent_at.pop((index, attempt), None)
+        elif env.kind == "cancel":
+            for t in list(self._running):
+                t.cancel()
+
+    # ---------------------------------------------------------------- tasks --
+
+    async def _fetch_inputs(self, inputs: list[dict[str, Any]]) -> Path:
+        """Each input once per CE, checked by sha256, into a cache the sandboxes copy from."""
+        cache = self.worker.dir / "inputs"
+        cache.mkdir(parents=True, exist_ok=True)
+        for f in inputs:
+            dest = cache / f["sha256"]
+            if not dest.exists():
+                if not self.worker.data_url:
+                    raise DataError("the coordinator announced no data endpoint")
+                await asyncio.to_thread(fetch, self.worker.data_url, self.worker.key, self.worker.ce,
+                                        f["sha256"], dest)
+        return cache
+
+    async def _run_one(self, item: dict[str, Any]) -> None:
+        cfg = self.worker.config
+        index, attempt = int(item["index"]), int(item["attempt"])
+        sandbox = self.worker.dir / "tasks" / f"{index}-{attempt}"
+        try:
+            assert self._inputs_ready is not None
+            try:
+                cache = await asyncio.shield(self._inputs_ready)
+                await asyncio.to_thread(self._prepare, sandbox, cache, cfg.get("inputs") or [])
+            except (DataError, OSError, ValueError) as e:
+                outcome = TaskOutcome.failure(f"could not stage inputs: {e}")
+            else:
+                run = TaskRun(
+                    task_id=f"{self.worker.ce}/{index}/{attempt}",
+                    argv=tuple(item["argv"]),
+                    env=dict(item.get("env") or {}),
+                    sandbox=sandbox,
+                    output_globs=tuple(cfg.get("outputs") or ()),
+                    limits=Limits(cpus=int(cfg.get("cpus", 1)), memory_bytes=int(cfg.get("memory_bytes", 512 << 20)),
+                                  timeout_s=cfg.get("timeout_s")),
+                    runtime=cfg.get("runtime", "process"),
+                    image=cfg.get("image"),
+                    network=bool(cfg.get("network", False)),
+                )
+                outcome = await self.executor.run(run)
+            result = await self._result(index, attempt, sandbox, outcome)
+        finally:
+            self.in_hand -= 1
+        self.unacked[(index, attempt)] = result
+        self._results.append(result)
+        self._flush.set()
+        await self._pull()
+        shutil.rmtree(sandbox, ignore_errors=True)
+
+    @staticmethod
+    def _prepare(sandbox: Path, cache: Path, inputs: list[dict[str, Any]]) -> None:
+        sandbox.mkdir(parents=True, exist_ok=True)
+        for f in inputs:
+            dest = safe_join(sandbox, f["dest"])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache / f["sha256"], dest)  # a copy: a task may change its inputs
+
+    async def _result(self, index: int, attempt: int, sandbox: Path, o: TaskOutcome) -> dict[str, Any]:
+        inline: dict[str, str] = {}
+        error = o.error
+        for out in o.outputs if o.ok else ():
+            path = sandbox / out.path
+            if out.size <= INLINE_MAX:
+                inline[out.path] = base64.b64encode(path.read_bytes()).decode()
+            else:
+                try:
+                    await asyncio.to_thread(upload, self.worker.data_url or "", self.worker.key, self.worker.ce,
+                                            index, attempt, out.path, path, out.sha256)
+                except DataError as e:
+                    error = str(e)
+        return {
+            "index": index,
+            "attempt": attempt,
+            "ok": o.ok and error is None,
+            "exit_code": o.exit_code,
+            "started_at": o.started_at,
+            "ended_at": o.ended_at,
+            "stdout": base64.b64encode(o.stdout).decode(),
+            "stderr": base64.b64encode(o.stderr).decode(),
+            "stdout_truncated": o.stdout_truncated,
+            "stderr_truncated": o.stderr_truncated,
+            "timed_out": o.timed_out,
+            "error": error,
+            "outputs": [x.to_dict() for x in o.outputs] if o.ok else [],
+            "inline": inline,
+        }
+
+    async def _send_results_forever(self) -> None:
+        """Batch whatever finished since the last send; resend what was never acknowledged."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush.wait(), RESEND_S)
+            self._flush.clear()
+            now = time.monotonic()
+            batch, self._results = self._results, []
+            fresh = {(r["index"], r["attempt"]) for r in batch}
+            batch += [r for k, r in self.unacked.items()
+                      if k not in fresh and now - self.sent_at.get(k, now) >= RESEND_S]
+            if not batch:
+                continue
+            for r in batch:
+                self.sent_at[(r["index"], r["attempt"])] = now
+            try:
+                await self.worker.publish("results", {"items": batch})
+            except Exception as e:  # the bus is gone: results stay unacked and are resent
+                log.warning("CE %s: could not send %d result(s): %s", self.worker.ce, len(batch), e)

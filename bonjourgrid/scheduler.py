@@ -1,0 +1,161 @@
+"""Which desktops can serve a job, which to recruit first, which task goes to which worker (sans-I/O).
+
+Matching is Steep-style: a job requires a set of capabilities and every one
+must be offered by a node. Ranking is Condor-style: prefer the nodes with the
+most free slots, then the most free memory, then the lowest load.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .announcement import Announcement, Role
+from .units import format_size
+
+
+def satisfies(requires: Iterable[str], caps: Iterable[str]) -> bool:
+    """`KEY=VALUE` needs exactly that; a bare `KEY` is met by `KEY` or any `KEY=...`."""
+    offered = set(caps)
+    keys = {c.split("=", 1)[0] for c in offered}
+    return all(r in offered or ("=" not in r and r in keys) for r in requires)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one task of a job needs from a node."""
+
+    requires: tuple[str, ...] = ()
+    cpus: int = 1
+    memory_bytes: int = 0
+
+    def why_not(self, ann: Announcement) -> str | None:
+        """None if the node can run the job's tasks, else the first reason it cannot."""
+        missing = [r for r in self.requires if not satisfies((r,), ann.caps)]
+        if missing:
+            return "lacks " + ",".join(missing)
+        if ann.cpus < self.cpus:
+            return f"lends {ann.cpus} cpus < {self.cpus}"
+        if (ann.memory_mib << 20) < self.memory_bytes:
+            return f"lends {format_size(ann.memory_mib << 20)} < {format_size(self.memory_bytes)}"
+        return None
+
+
+def rank(candidates: Iterable[Announcement]) -> list[Announcement]:
+    return sorted(candidates, key=lambda a: (-a.free_slots, -a.free_memory_mib, a.load, a.node_id))
+
+
+def recruitable(anns: Iterable[Announcement], needs: Needs, exclude: set[str]) -> list[Announcement]:
+    """Idle nodes that match, best first."""
+    return rank(a for a in anns if a.role is Role.IDLE and a.node_id not in exclude and needs.why_not(a) is None)
+
+
+def explain_no_match(anns: Iterable[Announcement], needs: Needs) -> str:
+    """Why nobody can serve the job, in words a user can act on."""
+    anns = list(anns)
+    idle = [a for a in anns if a.role is Role.IDLE]
+    if not anns:
+        return "no node of this grid is visible (is a node daemon running on the other desktops, same grid and key?)"
+    if not idle:
+        return f"none of the {len(anns)} visible nodes is idle (all are busy in other CEs or used by their owners)"
+    reasons: dict[str, int] = {}
+    for a in idle:
+        why = needs.why_not(a)
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+    detail = "; ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"no idle node matches the job's requirements ({len(idle)} idle: {detail})"
+
+
+@dataclass
+class WorkerSlots:
+    slots: int
+    running: set[int] = field(default_factory=set)
+    waiting: int = 0  # tasks it asked for that we could not give yet
+
+
+class Dispatch:
+    """The coordinator's in-memory queue: the journal is the truth, this is the fast mirror.
+
+    Retried tasks go first, and preferably to a node they have not failed on.
+    """
+
+    def __init__(self, pending: Iterable[int] = ()) -> None:
+        self.fresh: deque[int] = deque(pending)
+        self.retry: deque[int] = deque()
+        self.tried: dict[int, set[str]] = {}
+        self.running: dict[int, str] = {}
+        self.workers: dict[str, WorkerSlots] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self.fresh) + len(self.retry)
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.slots for w in self.workers.values())
+
+    def add_worker(self, node: str, slots: int) -> None:
+        w = self.workers.get(node)
+        if w is None:
+            self.workers[node] = WorkerSlots(slots)
+        else:
+            w.slots = slots
+
+    def remove_worker(self, node: str) -> list[int]:
+        """Forget a worker; its running tasks go back to the queue (returned)."""
+        self.workers.pop(node, None)
+        lost = [i for i, n in self.running.items() if n == node]
+        for i in lost:
+            del self.running[i]
+            self.retry.appendleft(i)
+        return lost
+
+    def take(self, node: str, n: int) -> list[int]:
+        """Up to n tasks for `node`; what it asked for but did not get is remembered."""
+        w = self.workers.get(node)
+        if w is None or n <= 0:
+            return []
+        out: list[int] = []
+        others = len(self.workers) > 1
+        for _ in range(len(self.retry)):
+            if len(out) == n:
+                break
+            i = self.retry.popleft()
+            if others and node in self.tried.get(i, ()):
+                self.retry.append(i)  # leave it for another node
+            else:
+                out.append(i)
+        while len(out) < n and self.fresh:
+            out.append(self.fresh.popleft())
+        for i in out:
+            self.running[i] = node
+            self.tried.setdefault(i, set()).add(node)
+            w.running.add(i)
+        w.waiting = n - len(out)
+        return out
+
+    def finish(self, index: int) -> None:
+        node = self.running.pop(index, None)
+        if node and node in self.workers:
+            self.workers[node].running.discard(index)
+
+    def requeue(self, index: int) -> None:
+        self.finish(index)
+        self.retry.append(index)
+
+    def idle_workers(self) -> list[str]:
+        """Workers that ran dry: nothing running and nothing left to give them."""
+        if self.pending:
+            return []
+        return [node for node, w in self.workers.items() if not w.running]
+
+    def workers_wanted(self, max_workers: int | None) -> int:
+        """How many more workers would shorten the job (the CE grows while tasks wait)."""
+        free = sum(max(w.slots - len(w.running), 0) for w in self.workers.values())
+        want = self.pending - free
+        if want <= 0:
+            return 0
+        room = (max_workers - len(self.workers)) if max_workers is not None else want
+        return max(0, min(want, room))
