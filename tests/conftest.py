@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from bonjourgrid.testbed import Host, Proc, Testbed, bonjourgrid_argv, can_build, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "docker-engine.sh"
 
 
 @pytest.fixture
@@ -33,12 +38,18 @@ class GridNode:
     key_file: Path
     grid: str
 
+    def cli_argv(self, *args: str) -> list[str]:
+        """A `bonjourgrid` command line aimed at this node (its key, grid and state dir)."""
+        head = [a for a in args if a != "--"]
+        tail: list[str] = []
+        if "--" in args:
+            cut = args.index("--")
+            head, tail = list(args[:cut]), list(args[cut:])
+        return bonjourgrid_argv(*head, "--key-file", str(self.key_file), "--grid", self.grid,
+                                "--state-dir", str(self.state_dir), *tail)
+
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return self.host.run(
-            bonjourgrid_argv(*args, "--key-file", str(self.key_file), "--grid", self.grid,
-                             "--state-dir", str(self.state_dir)),
-            timeout=timeout,
-        )
+        return self.host.run(self.cli_argv(*args), timeout=timeout)
 
     def view(self) -> tuple[list[dict], dict]:
         """(nodes, ignored counts) as this node's daemon sees the grid."""
@@ -133,3 +144,27 @@ def pytest_runtest_makereport(item, call):  # keep the call report so fixtures c
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+def _engine_up() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    """Start (or find) the engine and the test image; skip with a reason where that is impossible."""
+    if os.geteuid() != 0 and not _engine_up():
+        pytest.skip("no docker engine running and not root: cannot start one (run scripts/docker-engine.sh as root)")
+    if os.geteuid() == 0:
+        r = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900, check=False)
+        if r.returncode != 0:
+            pytest.fail(f"scripts/docker-engine.sh failed:\n{r.stdout}\n{r.stderr}")
+    # Loaded by path: tests/ is not a package, and this must work without PYTHONPATH=. too.
+    spec = importlib.util.spec_from_file_location("bonjourgrid_test_docker_image", ROOT / "tests" / "docker_image.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ensure_test_image()

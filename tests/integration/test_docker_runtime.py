@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import os
 import subprocess
 import time
@@ -20,34 +19,7 @@ import pytest
 
 from bonjourgrid.execution import Executor, Limits, TaskOutcome, TaskRun
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "docker-engine.sh"
-
 pytestmark = pytest.mark.timeout(300)
-
-
-def _engine_up() -> bool:
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="session")
-def docker_image() -> str:
-    """Start (or find) the engine and the test image; skip with a reason where that is impossible."""
-    if os.geteuid() != 0 and not _engine_up():
-        pytest.skip("no docker engine running and not root: cannot start one (run scripts/docker-engine.sh as root)")
-    if os.geteuid() == 0:
-        r = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900, check=False)
-        if r.returncode != 0:
-            pytest.fail(f"scripts/docker-engine.sh failed:\n{r.stdout}\n{r.stderr}")
-    # Loaded by path: tests/ is not a package, and this must work without PYTHONPATH=. too.
-    spec = importlib.util.spec_from_file_location("bonjourgrid_test_docker_image", ROOT / "tests" / "docker_image.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ensure_test_image()
 
 
 @pytest.fixture()

@@ -1,0 +1,269 @@
+"""Computing elements with the native backend, on namespaced hosts with real node daemons and brokers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import textwrap
+import time
+from pathlib import Path
+
+from conftest import GridNode
+
+from bonjourgrid.envelope import Envelope, seal
+from bonjourgrid.gridkey import GridKey
+from bonjourgrid.testbed import wait_for
+
+WORK_PY = textwrap.dedent("""
+    import hashlib, sys
+    i = int(sys.argv[1])
+    data = open("data.txt", "rb").read()
+    with open(f"out-{i}.txt", "w") as f:
+        f.write(f"{i} {hashlib.sha256(data + str(i).encode()).hexdigest()}\\n")
+    print(f"task {i} ok")
+""")
+
+
+def write_job(d: Path, body: str, files: dict[str, str] | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (d / name).write_text(text)
+    job = d / "job.toml"
+    job.write_text(textwrap.dedent(body))
+    return job
+
+
+def submit(node: GridNode, *args: str, timeout: float = 240) -> tuple[int, dict, str]:
+    """Run `bonjourgrid submit --json ...` on a node's host; (exit code, summary, stderr)."""
+    r = node.cli("submit", "--json", *args, timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    return r.returncode, (json.loads(lines[-1]) if lines else {}), r.stderr
+
+
+def all_idle(nodes: list[GridNode]) -> bool:
+    states = nodes[0].sees()
+    return len(states) == len(nodes) and set(states.values()) == {"idle"}
+
+
+def test_200_tasks_with_inputs_and_outputs_on_five_hosts(grid, tmp_path):
+    g = grid(5)
+    nodes = g.start_all("--cpus", "2")
+    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    data = "some shared input data\n" * 1000
+    job = write_job(tmp_path / "job", """
+        name = "hash200"
+        inputs = ["work.py", { src = "data.txt", dest = "data.txt" }]
+        outputs = ["out-*.txt"]
+        [sweep]
+        argv = ["python3", "work.py", "{i}"]
+        count = 200
+    """, {"work.py": WORK_PY, "data.txt": data})
+    res = tmp_path / "results"
+    code, summary, stderr = submit(nodes[0], str(job), "--results", str(res))
+    assert code == 0, stderr
+    assert summary["state"] == "done" and summary["tasks_done"] == 200 and summary["tasks_failed"] == 0
+    assert summary["workers_used"] == 4  # every other node; the coordinator does not compute
+    assert summary["results_dir"] == str(res)
+    for i in range(200):
+        tdir = res / f"{i:03d}"
+        expected = f"{i} {hashlib.sha256(data.encode() + str(i).encode()).hexdigest()}\n"
+        assert (tdir / "outputs" / f"out-{i}.txt").read_text() == expected
+        assert (tdir / "stdout").read_text() == f"task {i} ok\n"
+        assert json.loads((tdir / "result.json").read_text())["exit_code"] == 0
+    full = json.loads((res / "summary.json").read_text())
+    assert [t["index"] for t in full["tasks"]] == list(range(200))
+    assert {t["attempts"] for t in full["tasks"]} == {1}
+    wait_for(lambda: all_idle(nodes), 20, 0.3, "every worker back to idle")
+
+
+def test_tasks_needing_a_tag_run_only_there_and_an_unservable_job_fails_clearly(grid, tmp_path):
+    g = grid(4)
+    h = g.testbed.hosts
+    nodes = [g.start(h[0]), g.start(h[1], "--tag", "gpu=a100"), g.start(h[2]), g.start(h[3], "--tag", "gpu=a100")]
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    gpu_ids = {n["id"] for n in nodes[0].view()[0] if "gpu=a100" in n["caps"]}
+    assert len(gpu_ids) == 2
+    res = tmp_path / "gpu"
+    code, summary, stderr = submit(nodes[0], "--tasks", "12", "--require", "gpu", "--results", str(res),
+                                   "--", "echo", "{i}")
+    assert code == 0, stderr
+    ran_on = {t["node"] for t in json.loads((res / "summary.json").read_text())["tasks"]}
+    assert ran_on <= gpu_ids and summary["tasks_done"] == 12
+
+    t0 = time.monotonic()
+    code, summary, stderr = submit(nodes[0], "--tasks", "3", "--require", "quantum", "--", "echo", "{i}")
+    assert code == 1
+    assert summary["state"] == "failed"
+    assert "nobody can run this job" in summary["message"] and "lacks quantum" in summary["message"]
+    assert time.monotonic() - t0 < 60  # a clear failure, not a hang
+
+
+def test_two_jobs_from_two_nodes_at_once_share_no_node(grid, tmp_path):
+    g = grid(5)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    a = nodes[0].host.spawn([*nodes[0].cli_argv("submit", "--json", "--results", str(tmp_path / "a"),
+                                                "--tasks", "40", "--", "sh", "-c", "sleep 0.05; echo a{i}")], "job-a")
+    b = nodes[1].host.spawn([*nodes[1].cli_argv("submit", "--json", "--results", str(tmp_path / "b"),
+                                                "--tasks", "40", "--", "sh", "-c", "sleep 0.05; echo b{i}")], "job-b")
+    for p in (a, b):
+        wait_for(lambda p=p: not p.alive(), 180, 0.3, "both jobs to end")
+        assert p.popen.returncode == 0, p.output()[-3000:]
+    for name in ("a", "b"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["state"] == "done" and summary["tasks_done"] == 40
+        assert (tmp_path / name / "17" / "stdout").read_text() == f"{name}17\n"
+    # No node was ever a member of two CEs at once: in each daemon's log, joins and leaves alternate.
+    for n in nodes:
+        member_of = None
+        for line in n.proc.output().splitlines():
+            if m := re.search(r"now (worker|coordinator) of CE (\S+)", line):
+                assert member_of in (None, m[2]), f"{n.host.name} joined {m[2]} while in {member_of}"
+                member_of = m[2]
+            elif "now idle" in line:
+                member_of = None
+
+
+def test_failing_task_is_retried_then_reported_with_its_stderr(grid, tmp_path):
+    g = grid(3)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    job = write_job(tmp_path / "job", """
+        name = "flaky"
+        retries = 1
+        [[task]]
+        argv = ["sh", "-c", "echo fine"]
+        [[task]]
+        argv = ["sh", "-c", "echo boom on $(hostname) >&2; exit 3"]
+    """)
+    res = tmp_path / "res"
+    code, summary, stderr = submit(nodes[0], str(job), "--results", str(res))
+    assert code == 1, stderr
+    assert summary["state"] == "failed" and summary["tasks_done"] == 1 and summary["tasks_failed"] == 1
+    failed = json.loads((res / "1" / "result.json").read_text())
+    assert failed["state"] == "failed" and failed["exit_code"] == 3 and failed["attempts"] == 2
+    assert "boom" in (res / "1" / "stderr").read_text()
+    assert (res / "0" / "stdout").read_text() == "fine\n"
+
+
+def test_bad_job_files_get_clear_errors(grid, tmp_path):
+    g = grid(1)
+    node = g.start(g.testbed.hosts[0])
+    bad = write_job(tmp_path / "bad", """
+        name = "bad"
+        retry = 3
+        [resources]
+        memory = "12X"
+        [[task]]
+        argv = ["true"]
+    """)
+    r = node.cli("submit", str(bad))
+    assert r.returncode == 2
+    assert "retry" in r.stderr and "retries" in r.stderr and "resources.memory" in r.stderr
+    r = node.cli("submit", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "missing.toml" in r.stderr
+    syntax = tmp_path / "syntax.toml"
+    syntax.write_text("name = \n")
+    r = node.cli("submit", str(syntax))
+    assert r.returncode == 2 and "line 1" in r.stderr
+    assert node.proc.alive()
+
+
+def test_forged_replayed_and_stale_recruit_requests_are_refused(grid, tmp_path):
+    g = grid(2)
+    target, attacker = g.start_all()
+    wait_for(lambda: len(attacker.sees()) == 2, 30, 0.2, "two nodes")
+    port = next(n["port"] for n in attacker.view()[0] if n["host"] == "host1")
+    key = GridKey.read(g.key_file)
+    body = {"ce": "evil-ce", "coordinator": "f" * 16, "lease": 30, "bus": "mqtt://10.213.0.2:1", "config": {}}
+    env = Envelope("recruit", "f" * 16, body, ce="evil-ce", epoch=1)
+    frames = {
+        "wrong-key": seal(GridKey.generate(), "default", env, time.time()),
+        "stale": seal(key, "default", env, time.time() - 3600),
+    }
+    good = seal(key, "default", env, time.time())
+    script = tmp_path / "send.py"
+    script.write_text(textwrap.dedent(f"""
+        import socket, struct, sys
+        for hexdata in sys.argv[1:]:
+            data = bytes.fromhex(hexdata)
+            s = socket.create_connection(("10.213.0.1", {port}), timeout=5)
+            s.sendall(struct.pack("!I", len(data)) + data)
+            s.settimeout(5)
+            print(len(s.recv(65536)))
+            s.close()
+    """))
+    # wrong key and stale: refused; the good one twice: the second is a replay, refused too.
+    r = attacker.host.run(["python3", str(script), frames["wrong-key"].hex(), frames["stale"].hex(),
+                           good.hex(), good.hex()], timeout=30)
+    assert r.returncode == 0, r.stderr
+    replies = [int(x) for x in r.stdout.split()]
+    assert replies[0] == replies[1] == replies[3] == 0  # closed without an answer
+    assert replies[2] > 0  # the authentic request was answered
+    log = target.proc.output()
+    assert "refused a control message" in log and "bad-signature" in log
+    assert "stale" in log and "replayed" in log
+    assert target.proc.alive()
+
+
+def test_docker_runtime_runs_tasks_in_containers_without_network(grid, tmp_path, docker_image):
+    g = grid(2)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    assert "docker" in next(n["caps"] for n in nodes[0].view()[0] if n["host"] == "host2")
+    job = write_job(tmp_path / "job", f"""
+        name = "boxed"
+        outputs = ["net.txt"]
+        [runtime]
+        kind = "docker"
+        image = "{docker_image}"
+        [sweep]
+        argv = ["sh", "-c", "cat /proc/net/dev > net.txt; echo in a box {{i}}"]
+        count = 2
+    """)
+    res = tmp_path / "res"
+    code, _summary, stderr = submit(nodes[0], str(job), "--results", str(res))
+    assert code == 0, stderr
+    net = (res / "0" / "outputs" / "net.txt").read_text()
+    interfaces = [ln.split(":")[0].strip() for ln in net.splitlines()[2:]]
+    assert interfaces == ["lo"]
+    assert (res / "1" / "stdout").read_text() == "in a box 1\n"
+
+
+def test_cancel_stops_a_job_and_releases_its_workers(grid, tmp_path):
+    g = grid(3)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    proc = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(tmp_path / "r"),
+                                                  "--tasks", "50", "--", "sleep", "30"), "submit")
+
+    def running_job():
+        r = nodes[0].cli("jobs", "--json")
+        jobs = json.loads(r.stdout) if r.returncode == 0 else []
+        return next((j["job"] for j in jobs if j["state"] == "running" and j["tasks_running"] > 0), None)
+
+    job = wait_for(running_job, 60, 0.3, "the job to run tasks")
+    r = nodes[0].cli("cancel", job)
+    assert r.returncode == 0 and "cancelled" in r.stdout, r.stderr
+    wait_for(lambda: not proc.alive(), 30, 0.2, "submit to return")
+    assert proc.popen.returncode == 1
+    assert '"state": "cancelled"' in proc.output()
+    wait_for(lambda: all_idle(nodes), 20, 0.3, "every node back to idle")
+    st = nodes[0].cli("status", job, "--json")
+    assert json.loads(st.stdout)["state"] == "cancelled"
+    # no task process survives on the workers
+    r = nodes[1].host.run(["pgrep", "-f", "sleep 30"])
+    assert r.stdout.strip() == ""
+
+
+def test_submit_without_a_local_node_runs_a_temporary_one(grid, tmp_path):
+    g = grid(3)
+    h = g.testbed.hosts
+    workers = [g.start(h[1]), g.start(h[2])]
+    wait_for(lambda: len(workers[0].sees()) == 2, 30, 0.2, "two nodes")
+    lonely = GridNode(h[0], None, tmp_path / "no-daemon-state", g.key_file, "default")  # type: ignore[arg-type]
+    code, summary, stderr = submit(lonely, "--tasks", "6", "--results", str(tmp_path / "r"), "--", "echo", "{i}")
+    assert code == 0, stderr
+    assert summary["tasks_done"] == 6 and "temporary" in stderr
+    assert (tmp_path / "r" / "5" / "stdout").read_text() == "5\n"

@@ -1,0 +1,80 @@
+import time
+
+from bonjourgrid.announcement import Announcement, Role
+from bonjourgrid.scheduler import Dispatch, Needs, explain_no_match, rank, recruitable, satisfies
+
+
+def ann(node_id, role=Role.IDLE, caps=(), cpus=4, mem=4096, slots=4, load=0.1, fmem=2000):
+    return Announcement(grid="g", node_id=node_id, host=node_id, role=role, cpus=cpus, memory_mib=mem,
+                        free_slots=slots, free_memory_mib=fmem, load=load, os="linux", arch="x86_64", caps=caps,
+                        ce=None if role is Role.IDLE else "c", timestamp_ms=int(time.time() * 1000))
+
+
+def test_capability_matching_is_steep_style():
+    assert satisfies(["docker", "site=lab1"], ["docker", "site=lab1", "python3.11"])
+    assert satisfies(["gpu"], ["gpu=a100"])  # a bare key is met by any value
+    assert not satisfies(["gpu=h100"], ["gpu=a100"])
+    assert not satisfies(["docker"], [])
+    assert satisfies([], [])
+
+
+def test_recruitable_ranks_matching_idle_nodes_best_first():
+    nodes = [ann("a", slots=1), ann("b", slots=8), ann("c", caps=("docker",), slots=2),
+             ann("d", role=Role.WORKER, slots=8), ann("e", slots=8, load=0.9), ann("f", cpus=1, slots=1)]
+    assert [a.node_id for a in recruitable(nodes, Needs(), set())] == ["b", "e", "c", "a", "f"]
+    assert [a.node_id for a in recruitable(nodes, Needs(("docker",)), set())] == ["c"]
+    assert [a.node_id for a in recruitable(nodes, Needs(cpus=2), {"b"})] == ["e", "c", "a"]
+    assert [a.node_id for a in rank([ann("x", fmem=1), ann("y", fmem=9)])] == ["y", "x"]
+
+
+def test_no_match_is_explained():
+    nodes = [ann("a"), ann("b"), ann("c", caps=("docker",), mem=100)]
+    msg = explain_no_match(nodes, Needs(("docker",), memory_bytes=1 << 30))
+    assert msg == "no idle node matches the job's requirements (3 idle: 2 lacks docker; 1 lends 100M < 1G)"
+    assert "no node of this grid is visible" in explain_no_match([], Needs())
+    assert "none of the 1 visible nodes is idle" in explain_no_match([ann("w", role=Role.WORKER)], Needs())
+
+
+def test_dispatch_pull_requeue_and_retry_elsewhere():
+    d = Dispatch(range(5))
+    d.add_worker("w1", 2)
+    d.add_worker("w2", 2)
+    assert d.take("w1", 2) == [0, 1]
+    assert d.take("w2", 2) == [2, 3]
+    d.requeue(0)  # task 0 failed on w1: it goes to w2 rather than back to w1
+    assert d.take("w1", 1) == [4]
+    assert d.take("w1", 1) == []
+    assert d.workers["w1"].waiting == 1
+    d.finish(2)
+    assert d.take("w2", 1) == [0]
+    assert d.tried[0] == {"w1", "w2"}
+
+
+def test_lost_worker_tasks_come_back_first_and_a_lone_worker_gets_its_retries():
+    d = Dispatch(range(3))
+    d.add_worker("w1", 2)
+    assert d.take("w1", 2) == [0, 1]
+    assert sorted(d.remove_worker("w1")) == [0, 1]
+    d.add_worker("w2", 1)
+    assert d.take("w2", 3) in ([0, 1, 2], [1, 0, 2])
+    d2 = Dispatch([7])
+    d2.add_worker("only", 1)
+    d2.take("only", 1)
+    d2.requeue(7)
+    assert d2.take("only", 1) == [7]  # nobody else to try it on
+
+
+def test_growth_and_shrink_decisions():
+    d = Dispatch(range(10))
+    assert d.workers_wanted(None) == 10
+    d.add_worker("w1", 4)
+    assert d.workers_wanted(None) == 6
+    assert d.workers_wanted(2) == 1
+    d.take("w1", 4)
+    assert d.idle_workers() == []
+    for i in range(4):
+        d.finish(i)
+    d.take("w1", 6)
+    for i in range(4, 10):
+        d.finish(i)
+    assert d.workers_wanted(None) == 0 and d.idle_workers() == ["w1"]
