@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from .testbed import Testbed, TestbedError, bonjourgrid_argv, can_build, wait_for
+from .testbed import Host, Testbed, TestbedError, bonjourgrid_argv, can_build, wait_for
 
 
 def run_demo(n_nodes: int, workdir: Path, console: Console, keep: float = 0.0) -> int:
@@ -48,6 +49,8 @@ def run_demo(n_nodes: int, workdir: Path, console: Console, keep: float = 0.0) -
             wait_for(all_seen, 60, 0.2, "every node to be seen")
             console.print(f"desk1 sees all {n_nodes} nodes {time.monotonic() - t0:.1f}s after they started\n")
             console.print(first.run(cli).stdout)
+            code = _run_job(first, key, workdir, console)
+            console.print(first.run(cli).stdout)
             if keep:
                 console.print(f"keeping the grid up for {keep:g}s; logs in {tb.workdir}")
                 time.sleep(keep)
@@ -56,5 +59,30 @@ def run_demo(n_nodes: int, workdir: Path, console: Console, keep: float = 0.0) -
     except (TestbedError, TimeoutError) as e:
         console.print(f"[red]demo failed:[/] {e}")
         return 1
+    if code:
+        console.print("[red]the demo job did not complete[/]")
+        return 1
     console.rule("[bold green]demo done")
+    return 0
+
+
+def _run_job(host: Host, key: Path, workdir: Path, console: Console) -> int:
+    """Submit the Monte Carlo pi example from the first desktop and combine its results."""
+    job = Path(__file__).resolve().parent.parent / "examples" / "pi" / "pi.toml"
+    if not job.is_file():
+        console.print(f"[red]example job {job} is missing[/]")
+        return 1
+    results = workdir / "results"
+    console.print(f"[bold]desk1 submits {job.name}[/]: 9 Monte Carlo tasks, recruited desktops run them\n")
+    argv = bonjourgrid_argv("submit", str(job), "--key-file", str(key), "--state-dir",
+                            str(workdir / host.name), "--results", str(results))
+    code = subprocess.call(["ip", "netns", "exec", host.netns, *argv])
+    if code:
+        return code
+    inside = darts = 0
+    for f in sorted(results.glob("*/outputs/result-*.txt")):
+        seed, n, hits, estimate = f.read_text().split()
+        inside, darts = inside + int(hits), darts + int(n)
+        console.print(f"  task {f.parts[-3]}: seed {seed:>2}, {int(n):>9,} darts -> pi ~ {float(estimate):.5f}")
+    console.print(f"[bold]combined: {darts:,} darts -> pi ~ {4 * inside / darts:.5f}[/]  (results in {results})\n")
     return 0
