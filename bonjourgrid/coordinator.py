@@ -83,6 +83,7 @@ class CoordinatorCE:
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
+        self.journal_lock = asyncio.Lock()  # held by readers (export) so teardown never closes under them
         self.on_finish: Callable[[CoordinatorCE], None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -161,7 +162,7 @@ class CoordinatorCE:
         async with self._lock:
             if self._done.is_set():
                 return
-            self.state = state
+            self.state = "finishing"  # final only once torn down: readers then find the journal closed
             self.finished_at = time.time()
             for t in self._tasks:
                 t.cancel()
@@ -174,6 +175,7 @@ class CoordinatorCE:
             log.info("CE %s: job %s %s (%d done, %d failed) in %.1fs%s", self.ce, self.job.name, state,
                      self.counts["done"], self.counts["failed"], self.finished_at - self.started_at,
                      f": {self.message}" if self.message else "")
+            self.state = state
             await self._teardown()
             self._done.set()
             if self.on_finish:
@@ -190,10 +192,11 @@ class CoordinatorCE:
             await asyncio.to_thread(self.broker.stop)
         if self.data:
             await asyncio.to_thread(self.data.stop)
-        if self.journal:
-            self.journal.close()
-            self.journal = None
         self._write_summary()
+        async with self.journal_lock:
+            if self.journal:
+                self.journal.close()
+                self.journal = None
 
     # ------------------------------------------------------------- messages --
 
@@ -368,7 +371,7 @@ class CoordinatorCE:
                     raise ValueError(f"no task {index}")
                 record = self._record(node, item)
                 ok = item.get("ok") is True
-                if ok:
+                if ok and item.get("outputs"):
                     await asyncio.to_thread(self._store_outputs, index, attempt, item)
                 prepared.append((index, attempt, ok, record))
             except (KeyError, ValueError, TypeError, OSError) as e:

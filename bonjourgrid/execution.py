@@ -199,28 +199,55 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _set_limit(res: int, value: int) -> None:
-    _soft, hard = resource.getrlimit(res)
-    if hard != resource.RLIM_INFINITY and value > hard:
-        value = hard
-    resource.setrlimit(res, (value, value))
+_PRLIMIT = shutil.which("prlimit")  # util-linux, on every Debian
 
 
-def _child_limits(memory_bytes: int, nofile: int, fsize: int | None, nproc: int | None) -> Callable[[], None]:
-    """The preexec_fn: only setrlimit calls, nothing that could take a lock in the forked child."""
+def _clamped(res: int, value: int) -> int:
+    """A child cannot get more than our own hard limit; ask for no more than that."""
+    hard = resource.getrlimit(res)[1]
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
 
-    def apply() -> None:
-        _set_limit(resource.RLIMIT_CORE, 0)
-        if memory_bytes > 0:
-            _set_limit(resource.RLIMIT_AS, memory_bytes)
-        if nofile > 0:
-            _set_limit(resource.RLIMIT_NOFILE, nofile)
-        if fsize is not None:
-            _set_limit(resource.RLIMIT_FSIZE, fsize)
-        if nproc is not None:
-            _set_limit(resource.RLIMIT_NPROC, nproc)
 
-    return apply
+def _limit_table(memory_bytes: int, nofile: int, fsize: int | None, nproc: int | None) -> list[tuple[int, str, int]]:
+    table = [(resource.RLIMIT_CORE, "core", 0)]
+    if memory_bytes > 0:
+        table.append((resource.RLIMIT_AS, "as", memory_bytes))
+    if nofile > 0:
+        table.append((resource.RLIMIT_NOFILE, "nofile", nofile))
+    if fsize is not None:
+        table.append((resource.RLIMIT_FSIZE, "fsize", fsize))
+    if nproc is not None:
+        table.append((resource.RLIMIT_NPROC, "nproc", nproc))
+    return [(res, name, _clamped(res, value)) for res, name, value in table]
+
+
+def _program_problem(program: str, path: str, cwd: Path) -> str | None:
+    """Why `program` cannot be started, checked before the spawn (the prlimit wrapper would hide it)."""
+    if "/" not in program:
+        return None if shutil.which(program, path=path) else f"no such program: {program!r} (PATH={path})"
+    target = cwd / program
+    if not target.exists():
+        return f"no such program: {program!r}"
+    if target.is_dir() or not os.access(target, os.X_OK):
+        return f"program is not executable: {program!r}"
+    return None
+
+
+def _limited_argv(argv: tuple[str, ...], table: list[tuple[int, str, int]]) -> tuple[tuple[str, ...], Any]:
+    """(argv, preexec_fn) that start the task with its rlimits already in force.
+
+    With util-linux `prlimit` the limits are set by a tiny exec wrapper, so the spawn can use
+    vfork; a Python preexec_fn forces the slow fork path and costs ~6 ms per task (measured:
+    8.9 ms against 2 ms for `true`). Without prlimit we fall back to the preexec_fn.
+    """
+    if _PRLIMIT:
+        return (_PRLIMIT, *(f"--{name}={value}" for _, name, value in table), "--", *argv), None
+
+    def apply() -> None:  # runs in the forked child: only setrlimit calls
+        for res, _, value in table:
+            resource.setrlimit(res, (value, value))
+
+    return argv, apply
 
 
 class Executor:
@@ -319,6 +346,8 @@ class Executor:
             return False
 
     async def _collect(self, run: TaskRun) -> tuple[OutputFile, ...]:
+        if not run.output_globs:
+            return ()
         # Hashing can be slow for big outputs: keep it off the event loop.
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, collect_outputs, Path(run.sandbox), tuple(run.output_globs)
@@ -368,15 +397,17 @@ class Executor:
         limits = run.limits
         sandbox = Path(run.sandbox)
         env = self._process_env(run, self._make_tmp(sandbox))
-        preexec = _child_limits(
-            limits.memory_bytes, limits.max_open_files, limits.max_file_bytes, self._nproc_limit(limits.max_processes)
-        )
         loop = asyncio.get_running_loop()
         started = time.time()
+        problem = _program_problem(run.argv[0], env["PATH"], sandbox)
+        if problem:
+            return TaskOutcome.failure(problem, started)
+        argv, preexec = _limited_argv(run.argv, _limit_table(
+            limits.memory_bytes, limits.max_open_files, limits.max_file_bytes, self._nproc_limit(limits.max_processes)))
         try:
             transport, protocol = await loop.subprocess_exec(
                 lambda: _ExitAwareProtocol(loop),
-                *run.argv,
+                *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

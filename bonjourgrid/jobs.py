@@ -88,8 +88,10 @@ async def export(daemon: NodeDaemon, job: str, dest: Path) -> dict[str, Any]:
     """Write a job's results under `dest`: per task stdout, stderr, outputs/, result.json; and summary.json."""
     status = job_status(daemon, job)
     ce = daemon.ces.get(job)
-    if ce is not None and ce.journal is not None:
-        return await asyncio.to_thread(_export, ce.journal, ce.dir, job, dest, status)
+    if ce is not None:
+        async with ce.journal_lock:
+            if ce.journal is not None:  # still coordinating: export what is recorded so far
+                return await asyncio.to_thread(_export, ce.journal, ce.dir, job, dest, status)
     try:
         journal = await asyncio.to_thread(Journal.open, ces_dir(daemon) / job / "journal.db")
     except JournalError as e:

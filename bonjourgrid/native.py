@@ -29,8 +29,13 @@ from .worker import WorkerCE
 log = logging.getLogger("bonjourgrid.native")
 
 INLINE_MAX = 256 << 10  # outputs up to this size travel inside the result message
-PREFETCH = 2  # tasks held beyond the free slots, so a slot never waits for a round trip
 RESEND_S = 3.0
+# Prefetch: tasks held beyond the running ones, so a slot never waits for a round trip. Short
+# tasks want a deep buffer (fewer, bigger pulls); long ones a shallow one, or one worker would
+# hoard tasks that idle workers could run. The depth follows the measured task duration.
+BUFFER_SECONDS = 0.25
+MAX_PREFETCH_PER_SLOT = 16
+COALESCE_S = 0.003  # under load, results finishing this close together go in one message
 
 
 class NativeBackend(Backend):
@@ -95,6 +100,9 @@ class NativeWorker(WorkerHalf):
         self._flush = asyncio.Event()
         self._inputs_ready: asyncio.Task[Path] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._free_slots = asyncio.Semaphore(worker.slots)
+        self._avg_task_s = 1.0  # pessimistic until measured: start with a shallow buffer
+        self._last_send = 0.0
 
     async def run(self) -> None:
         cfg = self.worker.config
@@ -104,6 +112,7 @@ class NativeWorker(WorkerHalf):
             await self._pull()
             while True:
                 item = await self.queue.get()
+                await self._free_slots.acquire()
                 task = asyncio.ensure_future(self._run_one(item))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
@@ -114,10 +123,15 @@ class NativeWorker(WorkerHalf):
             self.executor.close()
 
     async def _pull(self) -> None:
-        want = self.worker.slots + PREFETCH - self.in_hand - self.outstanding
-        if want > 0:
-            self.outstanding += want
-            await self.worker.publish("pull", {"n": want})
+        """Ask for work once the buffer beyond the running tasks is empty, enough to refill it."""
+        slots = self.worker.slots
+        held = self.in_hand + self.outstanding
+        if held > slots:
+            return
+        depth = max(1, min(MAX_PREFETCH_PER_SLOT, round(BUFFER_SECONDS / max(self._avg_task_s, 1e-4))))
+        want = slots + slots * depth - held
+        self.outstanding += want
+        await self.worker.publish("pull", {"n": want})
 
     async def on_message(self, env: Envelope) -> None:
         if env.kind == "tasks":
@@ -157,7 +171,11 @@ class NativeWorker(WorkerHalf):
             assert self._inputs_ready is not None
             try:
                 cache = await asyncio.shield(self._inputs_ready)
-                await asyncio.to_thread(self._prepare, sandbox, cache, cfg.get("inputs") or [])
+                inputs = cfg.get("inputs") or []
+                if inputs:  # copying can take a while: off the event loop
+                    await asyncio.to_thread(self._prepare, sandbox, cache, inputs)
+                else:
+                    sandbox.mkdir(parents=True, exist_ok=True)
             except (DataError, OSError, ValueError) as e:
                 outcome = TaskOutcome.failure(f"could not stage inputs: {e}")
             else:
@@ -174,9 +192,11 @@ class NativeWorker(WorkerHalf):
                     network=bool(cfg.get("network", False)),
                 )
                 outcome = await self.executor.run(run)
+                self._avg_task_s = 0.8 * self._avg_task_s + 0.2 * max(outcome.ended_at - outcome.started_at, 0.0)
             result = await self._result(index, attempt, sandbox, outcome)
         finally:
             self.in_hand -= 1
+            self._free_slots.release()
         self.unacked[(index, attempt)] = result
         self._results.append(result)
         self._flush.set()
@@ -226,8 +246,10 @@ class NativeWorker(WorkerHalf):
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._flush.wait(), RESEND_S)
+            if self._results and time.monotonic() - self._last_send < COALESCE_S and self.in_hand:
+                await asyncio.sleep(COALESCE_S)  # busy: let a few more results join this message
             self._flush.clear()
-            now = time.monotonic()
+            now = self._last_send = time.monotonic()
             batch, self._results = self._results, []
             fresh = {(r["index"], r["attempt"]) for r in batch}
             batch += [r for k, r in self.unacked.items()

@@ -16,7 +16,9 @@ import platform
 import secrets
 import signal
 import socket
+import sys
 import time
+import warnings
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,21 @@ def safe_hostname(name: str) -> str:
     """The host label as announced: DNS-safe, short."""
     label = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split(".")[0])[:63] or "node"
     return label if HOST_RE.match(label) else f"n{label}"[:63]
+
+
+def use_pidfd_child_watcher() -> None:
+    """Python 3.11 waits for each task process with a new thread; a pidfd costs far less (3.12+ does this itself)."""
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # kernel without pidfd_open
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
 
 
 def load_node_id(state_dir: Path) -> str:
@@ -117,6 +134,7 @@ class NodeDaemon:
 
     async def run(self, handle_signals: bool = True) -> None:
         cfg = self.config
+        use_pidfd_child_watcher()
         azc = open_zeroconf(cfg.addresses)
         # One IPv4 socket on every interface: with port 0, separate sockets
         # would each get a different port, and only one can be announced.
