@@ -63,16 +63,21 @@ def bench_bonjourgrid(n: int, latency_runs: int) -> dict[str, float]:
         for h in tb.hosts:
             args = ["--cpus", "1"] if h.index > 1 else []
             procs.append(h.spawn(bonjourgrid_argv("node", "--key-file", str(key), "--state-dir", str(Path(d) / h.name),
-                                                  "--name", h.name, "--owner-cpu", "100", "--log-level", "warning",
+                                                  "--name", h.name, "--owner-cpu", "100",
                                                   *args), "node"))
         coord = tb.hosts[0]
 
-        def cli(*args: str, timeout: float = 600) -> dict:
+        def cli(*args: str, timeout: float = 300) -> dict:
             argv = bonjourgrid_argv("submit", "--json", "--key-file", str(key), "--state-dir", str(Path(d) / "host1"),
                                     "--results", str(Path(d) / f"r{time.monotonic_ns()}"), *args)
-            r = coord.run(argv, timeout=timeout)
-            if r.returncode != 0:
-                raise RuntimeError(r.stderr[-2000:])
+            try:
+                r = coord.run(argv, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                r = None
+            if r is None or r.returncode != 0:
+                for p in procs:
+                    print(f"---- {p.argv[-1]} log tail\n{p.output()[-4000:]}", file=sys.stderr)
+                raise RuntimeError(f"submit {' '.join(args)} failed: {r.stderr[-2000:] if r else 'timed out'}")
             return json.loads(r.stdout.splitlines()[-1])
 
         def nodes_seen() -> bool:

@@ -104,7 +104,9 @@ class CoordinatorCE:
         self.inputs = await asyncio.to_thread(self._stage_inputs)
         user, password = bus_credentials(self.key, self.grid, self.ce)
         if self.external_broker:
-            url = self.external_broker
+            # An external broker does not know our derived credentials: connect anonymously.
+            # Every message is still sealed with the grid key, so nobody else can speak on it.
+            url, user, password = self.external_broker, None, None
         else:
             self.broker = await start_embedded_broker_async(self.address, 0, username=user, password=password,
                                                             log_file=self.dir / "broker.log")
@@ -125,6 +127,7 @@ class CoordinatorCE:
             "memory_bytes": self.job.memory_bytes,
             "timeout_s": self.job.timeout_s,
             "runtime": self.job.runtime,
+            "bus_auth": user is not None,
             "image": self.job.image,
             "network": self.job.network,
             "backend_config": await self.half.start(),

@@ -60,6 +60,8 @@ class WorkerCE:
     async def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         user, password = bus_credentials(self.key, self.grid, self.ce)
+        if not self.config.get("bus_auth", True):
+            user = password = None  # the CE runs on an external broker, used anonymously
         will = (topic(self.grid, self.ce, "coord"), self.envelope("lost", {}))
         self.bus = Bus(self.bus_url, self.key, self.grid, f"w-{self.node_id}-{self.ce}"[:64], will=will,
                        username=user, password=password, keepalive=2)

@@ -267,3 +267,25 @@ def test_submit_without_a_local_node_runs_a_temporary_one(grid, tmp_path):
     assert code == 0, stderr
     assert summary["tasks_done"] == 6 and "temporary" in stderr
     assert (tmp_path / "r" / "5" / "stdout").read_text() == "5\n"
+
+
+def test_a_ce_on_an_external_mosquitto_broker(grid, tmp_path):
+    import shutil
+
+    import pytest
+
+    if not shutil.which("mosquitto"):
+        pytest.skip("mosquitto is not installed (scripts/setup.sh installs it)")
+    g = grid(3)
+    h = g.testbed.hosts
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 10.213.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                    "persistence false\nuser root\n")
+    broker = h[0].spawn(["mosquitto", "-c", str(conf)], "mosquitto")
+    nodes = [g.start(h[0], "--broker", "mqtt://10.213.0.1:1883"), g.start(h[1]), g.start(h[2])]
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    code, summary, stderr = submit(nodes[0], "--tasks", "30", "--results", str(tmp_path / "r"), "--", "echo", "{i}")
+    assert code == 0, stderr
+    assert summary["tasks_done"] == 30 and summary["workers_used"] == 2
+    assert "mqtt://10.213.0.1:1883" in nodes[0].proc.output()
+    assert broker.alive()
