@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ LEASE_S = 30.0
 RECRUIT_EVERY_S = 0.5
 NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
 REFUSED_BACKOFF_S = 5.0
+RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
 
 
 class CoordinatorCE:
@@ -84,7 +85,8 @@ class CoordinatorCE:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self.journal_lock = asyncio.Lock()  # held by readers (export) so teardown never closes under them
-        self.on_finish: Callable[[CoordinatorCE], None] | None = None
+        self.on_finish: Callable[[CoordinatorCE], Awaitable[None]] | None = None
+        self._finisher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
 
@@ -167,22 +169,32 @@ class CoordinatorCE:
                 return
             self.state = "finishing"  # final only once torn down: readers then find the journal closed
             self.finished_at = time.time()
+            me = asyncio.current_task()
             for t in self._tasks:
-                t.cancel()
+                if t is not me:  # _finish may run inside one of our own loops: let it complete
+                    t.cancel()
             if self.journal:
                 await asyncio.to_thread(self.journal.set_job_state, self.job_id, state, self.finished_at)
             with contextlib.suppress(Exception):
                 if self.bus and self.bus.connected:
                     await self.bus.publish(topic(self.grid, self.ce, "all"),
                                            self._env("release", {"state": state}))
+                    await self._wait_for_byes(RELEASE_WAIT_S)
             log.info("CE %s: job %s %s (%d done, %d failed) in %.1fs%s", self.ce, self.job.name, state,
                      self.counts["done"], self.counts["failed"], self.finished_at - self.started_at,
                      f": {self.message}" if self.message else "")
-            self.state = state
             await self._teardown()
-            self._done.set()
             if self.on_finish:
-                self.on_finish(self)
+                await self.on_finish(self)  # the node goes back to Idle before anyone sees the end
+            self.state = state
+            self._write_summary()
+            self._done.set()
+
+    async def _wait_for_byes(self, timeout: float) -> None:
+        """Keep the broker up until every worker said goodbye, so no release is lost with it."""
+        deadline = time.monotonic() + timeout
+        while self.dispatch.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _teardown(self) -> None:
         if self.half:
@@ -195,7 +207,6 @@ class CoordinatorCE:
             await asyncio.to_thread(self.broker.stop)
         if self.data:
             await asyncio.to_thread(self.data.stop)
-        self._write_summary()
         async with self.journal_lock:
             if self.journal:
                 self.journal.close()
@@ -222,6 +233,8 @@ class CoordinatorCE:
         elif env.kind == "hb":
             if node not in self.dispatch.workers and node not in self.recruited:
                 await self.send(node, "release", {"reason": "not a member of this CE"})
+        elif env.kind == "bye" and self.state == "finishing":
+            self.dispatch.remove_worker(node)
         elif env.kind in ("bye", "lost"):
             if env.kind == "lost" and env.nonce != self.sessions.get(node):
                 return  # the will (its nonce is the bus session) of an older connection of a worker
@@ -277,7 +290,7 @@ class CoordinatorCE:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _recruit_loop(self) -> None:
-        while True:
+        while not self._done.is_set() and self.state == "running":
             try:
                 await self._recruit_once()
             except Exception:
@@ -307,11 +320,16 @@ class CoordinatorCE:
                 slots += max(ann.free_slots, 1)
             if picks:
                 await asyncio.gather(*(self._recruit(a.node_id) for a in picks))
-        nobody = not self.dispatch.workers and not self.recruited and not self.workers_seen
-        if nobody and time.time() - self.started_at > NO_MATCH_GRACE_S:
-            visible = [a for a in anns if a.node_id != self.daemon.node_id]
-            self.message = "nobody can run this job: " + explain_no_match(visible, self.needs)
-            await self._finish("failed")
+        if not self.dispatch.workers and not self.recruited:
+            others = [a for a in anns if a.node_id != self.daemon.node_id]
+            matching = [a for a in others if self.needs.why_not(a) is None]
+            if matching:  # they exist but are busy elsewhere: wait for one, like a queued HTCondor job
+                self.message = f"waiting for an idle node: {len(matching)} matching node(s) busy in other CEs"
+            elif not self.workers_seen and time.time() - self.started_at > NO_MATCH_GRACE_S:
+                self.message = "nobody can run this job: " + explain_no_match(others, self.needs)
+                await self._finish("failed")
+        elif self.message.startswith("waiting for an idle node"):
+            self.message = ""
 
     async def _recruit(self, node: str) -> None:
         rec = self.daemon.view.nodes.get(node)
@@ -455,8 +473,11 @@ class CoordinatorCE:
         shutil.rmtree(staged, ignore_errors=True)
 
     async def _check_settled(self) -> None:
-        if self.state == "running" and self.dispatch.pending == 0 and not self.dispatch.running:
-            await self._finish("failed" if self.counts["failed"] else "done")
+        if self.state == "running" and self.dispatch.pending == 0 and not self.dispatch.running \
+                and self._finisher is None:
+            # In its own task: we may be inside a bus handler, and finishing waits for the
+            # workers' goodbyes, which arrive through that same handler.
+            self._finisher = asyncio.ensure_future(self._finish("failed" if self.counts["failed"] else "done"))
 
     # ---------------------------------------------------------------- status --
 

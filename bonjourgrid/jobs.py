@@ -56,8 +56,8 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
         await daemon.feed(ns.EndCoordination(ce.ce))
         raise JobRequestError(f"could not start the computing element: {e}") from e
 
-    def finished(c: CoordinatorCE) -> None:
-        daemon.spawn(daemon.feed(ns.EndCoordination(c.ce)))
+    async def finished(c: CoordinatorCE) -> None:
+        await daemon.feed(ns.EndCoordination(c.ce))
 
     ce.on_finish = finished
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, bus=ce.bus_url, data=ce.data.url if ce.data else None))
