@@ -371,6 +371,18 @@ class CoordinatorCE:
             self.first_task_at = now
         return out
 
+    async def task_started(self, index: int, node: str) -> int:
+        """For backends whose middleware places tasks itself: task `index` started on `node`.
+
+        Returns the attempt number to report its result with (`accept_results`).
+        """
+        assert self.journal is not None
+        self.dispatch.claim(index, node)
+        attempt = await asyncio.to_thread(self.journal.mark_running, self.job_id, index, node, time.time())
+        if self.first_task_at is None:
+            self.first_task_at = time.time()
+        return attempt
+
     async def grant_waiting(self) -> dict[str, list[tuple[int, int]]]:
         """Hand requeued tasks to workers that asked for work earlier and got none."""
         grants = {}

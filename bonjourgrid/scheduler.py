@@ -136,6 +136,16 @@ class Dispatch:
         w.waiting = n - len(out)
         return out
 
+    def claim(self, index: int, node: str) -> None:
+        """The middleware (HTCondor, BOINC) placed task `index` on `node` itself: record it as running there."""
+        for q in (self.fresh, self.retry):
+            if index in q:
+                q.remove(index)
+        self.running[index] = node
+        self.tried.setdefault(index, set()).add(node)
+        if node in self.workers:
+            self.workers[node].running.add(index)
+
     def finish(self, index: int) -> None:
         node = self.running.pop(index, None)
         if node and node in self.workers:

@@ -78,3 +78,13 @@ def test_growth_and_shrink_decisions():
     for i in range(4, 10):
         d.finish(i)
     assert d.workers_wanted(None) == 0 and d.idle_workers() == ["w1"]
+
+
+def test_middleware_placed_tasks_are_claimed():
+    d = Dispatch(range(4))
+    d.add_worker("w1", 2)
+    d.claim(2, "w1")
+    assert d.running == {2: "w1"} and d.pending == 3 and d.workers["w1"].running == {2}
+    d.requeue(2)
+    d.claim(2, "w9")  # a node the CE does not know as a worker yet
+    assert d.running == {2: "w9"} and 2 not in d.retry
