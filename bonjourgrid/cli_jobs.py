@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -29,7 +30,7 @@ from .cli import (
     out,
 )
 from .jobspec import JobFileError, JobSpec, load_job, sweep_job
-from .localnode import LocalNode, NodeUnavailable, RequestFailed, wait_for_node
+from .localnode import LocalNode, NodeUnavailable, RequestFailed, find_coordinator, wait_for_node
 from .paths import default_state_dir
 
 FINAL = ("done", "failed", "cancelled")
@@ -140,10 +141,13 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
         if detach:
             out.print(f"submitted [bold]{job}[/]; follow it with `bonjourgrid status {job}`")
             return 0
-        status = await _follow(node, job, len(spec.tasks), as_json)
+        status, holder = await _follow(node, job, len(spec.tasks), as_json)
         dest = (results or Path("results") / job).resolve()
         if status["state"] != "cancelled" or status["tasks_done"]:
-            status = await node.ask("export", {"job": job, "dest": str(dest)}, timeout=600)
+            if holder is node:  # our own node: it writes the files straight into dest
+                status = await node.ask("export", {"job": job, "dest": str(dest)}, timeout=600)
+            else:
+                status = await fetch_results(holder, job, dest)
         _report(status, as_json)
         return 0 if status["state"] == "done" else 1
     finally:
@@ -152,8 +156,16 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
             await temp
 
 
-async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> dict[str, Any]:
-    """Progress until the job ends; Ctrl-C asks: cancel the job, or detach and leave it running."""
+class _Lost(Exception):
+    pass
+
+
+async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[dict[str, Any], LocalNode]:
+    """Progress until the job ends; Ctrl-C asks: cancel the job, or detach and leave it running.
+
+    If the coordinator stops answering, or says the CE moved, follow the CE to the node that
+    coordinates it now (found over mDNS). Returns the final status and the node that has it.
+    """
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
@@ -163,13 +175,20 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> dict[st
         with Progress(*columns, console=err, transient=False, disable=quiet) as bar:
             t = bar.add_task(job, total=total, info="starting")
             while True:
-                status = await node.ask("job", {"job": job})
+                try:
+                    status = await node.ask("job", {"job": job}, timeout=3)
+                    if status["state"] == "moved":
+                        raise _Lost(status.get("message", "moved"))
+                except (NodeUnavailable, RequestFailed, _Lost) as e:
+                    bar.update(t, info=f"coordinator lost ({str(e)[:40]}): looking for its successor")
+                    node = await _successor(node, job)
+                    continue
                 finished = status["tasks_done"] + status["tasks_failed"]
                 bar.update(t, completed=finished, info=(
                     f"{status['tasks_running']} running, {status['tasks_failed']} failed, "
                     f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
                 if status["state"] in FINAL:
-                    return status
+                    return status, node
                 if interrupted.is_set():
                     interrupted.clear()
                     if await _ask_cancel(bar):
@@ -183,6 +202,39 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> dict[st
                     await asyncio.wait_for(interrupted.wait(), 0.25)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+
+
+SUCCESSOR_WAIT_S = 120.0
+
+
+async def _successor(old: LocalNode, job: str) -> LocalNode:
+    deadline = asyncio.get_running_loop().time() + SUCCESSOR_WAIT_S
+    while asyncio.get_running_loop().time() < deadline:
+        found = await find_coordinator(old.key, old.grid, job)
+        if found is not None and found.node_id != old.node_id:
+            err.print(f"following {job} to its new coordinator {found.node_id[:8]} at {found.host}")
+            return found
+        await asyncio.sleep(0.5)
+    raise NodeUnavailable(f"{job}: its coordinator is gone and no successor appeared within {SUCCESSOR_WAIT_S:g}s")
+
+
+async def fetch_results(node: LocalNode, job: str, dest: Path) -> dict[str, Any]:
+    """Copy a job's results from a (remote) node into dest, file by file in chunks."""
+    listing = await node.ask("result_list", {"job": job}, timeout=600)
+    for rel, _size in listing["files"]:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            offset, eof = 0, False
+            while not eof:
+                part = await node.ask("result_file", {"job": job, "path": rel, "offset": offset}, timeout=60)
+                data = base64.b64decode(part["data"])
+                f.write(data)
+                offset, eof = offset + len(data), bool(part["eof"])
+    summary = json.loads((dest / "summary.json").read_text())
+    summary["results_dir"] = str(dest)
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {**listing["status"], "results_dir": str(dest)}
 
 
 async def _ask_cancel(bar: Progress) -> bool:

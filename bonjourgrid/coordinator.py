@@ -22,12 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import backend as backends
+from .announcement import Role
 from .broker import BrokerHandle, start_embedded_broker_async
 from .bus import Bus, bus_credentials, topic
 from .datasrv import DataServer, sha256_file
+from .election import supersedes
 from .envelope import Envelope
+from .gridview import NodeRecord
 from .jobspec import JobSpec
-from .journal import FailureOutcome, Journal, OutputFile, ResultRecord
+from .journal import FailureOutcome, InvalidTransitionError, Journal, OutputFile, ResultRecord
+from .replication import ReplicationSender
 from .sandbox import safe_join
 from .scheduler import Dispatch, Needs, explain_no_match, recruitable
 from .wire import request
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bonjourgrid.ce")
 
-HEARTBEAT_S = 1.0
+FAILOVER_TIMEOUT_S = 1.0  # workers suspect the coordinator after this long without a heartbeat
 WORKER_TIMEOUT_S = 5.0
 LEASE_S = 30.0
 RECRUIT_EVERY_S = 0.5
@@ -49,7 +53,8 @@ RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
 class CoordinatorCE:
     def __init__(self, daemon: NodeDaemon, job: JobSpec, job_id: str, ce_dir: Path, *,
                  broker_url: str | None = None, lease_s: float = LEASE_S,
-                 worker_timeout_s: float = WORKER_TIMEOUT_S) -> None:
+                 worker_timeout_s: float = WORKER_TIMEOUT_S, epoch: int = 1, resume: bool = False,
+                 failover_timeout_s: float = FAILOVER_TIMEOUT_S) -> None:
         self.daemon = daemon
         self.job = job
         self.job_id = job_id
@@ -57,7 +62,9 @@ class CoordinatorCE:
         self.dir = ce_dir
         self.grid = daemon.config.grid
         self.key = daemon.config.key
-        self.epoch = 1
+        self.epoch = epoch
+        self.resume = resume  # a takeover: the journal (a replica's) already holds the job
+        self.failover_timeout_s = failover_timeout_s
         self.lease_s = lease_s
         self.worker_timeout_s = worker_timeout_s
         self.external_broker = broker_url
@@ -86,6 +93,8 @@ class CoordinatorCE:
         self._lock = asyncio.Lock()
         self.journal_lock = asyncio.Lock()  # held by readers (export) so teardown never closes under them
         self.on_finish: Callable[[CoordinatorCE], Awaitable[None]] | None = None
+        self.replication = ReplicationSender(self)
+        self.stepped_down = False
         self._finisher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -98,12 +107,17 @@ class CoordinatorCE:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "outputs").mkdir(exist_ok=True)
         self.journal = await asyncio.to_thread(Journal.open, self.dir / "journal.db")
-        spec = self.job.to_dict()
-        task_specs = spec.pop("tasks")
-        await asyncio.to_thread(self.journal.create_job, self.job_id, spec, task_specs,
-                                submitter=self.daemon.node_id, created_at=self.started_at)
-        (self.dir / "job.json").write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
-        self.inputs = await asyncio.to_thread(self._stage_inputs)
+        if self.resume:
+            self.epoch = await asyncio.to_thread(self.journal.bump_epoch, self.epoch)
+            await asyncio.to_thread(self._restore)
+        else:
+            spec = self.job.to_dict()
+            task_specs = spec.pop("tasks")
+            await asyncio.to_thread(self.journal.create_job, self.job_id, spec, task_specs,
+                                    submitter=self.daemon.node_id, created_at=self.started_at)
+            (self.dir / "job.json").write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
+            self.inputs = await asyncio.to_thread(self._stage_inputs)
+        (self.dir / "inputs.json").write_text(json.dumps(self.inputs))
         user, password = bus_credentials(self.key, self.grid, self.ce)
         if self.external_broker:
             # An external broker does not know our derived credentials: connect anonymously.
@@ -117,7 +131,8 @@ class CoordinatorCE:
                        username=user, password=password, keepalive=2)
         await self.bus.connect()
         await self.bus.subscribe(topic(self.grid, self.ce, "coord"), self._on_coord_message)
-        self.data = DataServer(self.key, self.ce, self.dir / "inputs", self.dir / "staging", self.address)
+        self.data = DataServer(self.key, self.ce, self.dir / "inputs", self.dir / "staging", self.address,
+                               outputs_dir=self.dir / "outputs")
         self.data.start()
         self.half = backends.load(self.job.backend).coordinator(self)
         self.worker_config = {
@@ -132,13 +147,51 @@ class CoordinatorCE:
             "bus_auth": user is not None,
             "image": self.job.image,
             "network": self.job.network,
+            "failover_timeout": self.failover_timeout_s,
             "backend_config": await self.half.start(),
         }
         self.bus_url = url
         self.state = "running"
         log.info("CE %s: coordinating job %s (%d tasks, backend %s), bus %s, data %s", self.ce, self.job.name,
                  len(self.job.tasks), self.job.backend, url, self.data.url)
-        self._tasks = [asyncio.ensure_future(self._heartbeat_loop()), asyncio.ensure_future(self._recruit_loop())]
+        self._tasks = [asyncio.ensure_future(self._heartbeat_loop()), asyncio.ensure_future(self._recruit_loop()),
+                       asyncio.ensure_future(self.replication.run())]
+
+    @classmethod
+    def job_from_journal(cls, journal: Journal, job_id: str) -> JobSpec:
+        """The job as the original coordinator recorded it (for a successor)."""
+        row = journal.job(job_id)
+        if row is None:
+            raise ValueError(f"the journal holds no job {job_id}")
+        return JobSpec.from_dict({**row.spec, "tasks": [t.spec for t in journal.tasks(job_id)]},
+                                 origin=f"journal of {job_id}")
+
+    def _restore(self) -> None:
+        """A takeover: rebuild the in-memory state from the replicated journal."""
+        assert self.journal is not None
+        row = self.journal.job(self.job_id)
+        assert row is not None
+        self.started_at = row.created_at
+        inputs = self.dir / "inputs.json"
+        self.inputs = json.loads(inputs.read_text()) if inputs.is_file() else []
+        self.dispatch.fresh.clear()
+        pending, now = [], time.monotonic()
+        for t in self.journal.tasks(self.job_id):
+            if t.state == "pending":
+                pending.append(t.index)
+            elif t.state == "running" and t.node_id == self.daemon.node_id:
+                pending.append(t.index)  # it ran on this very node, whose worker half is gone
+            elif t.state == "running" and t.node_id:
+                # Its worker may still be running it: give it the worker timeout to reattach.
+                self.dispatch.add_worker(t.node_id, 1)
+                self.dispatch.claim(t.index, t.node_id)
+                self.last_seen[t.node_id] = now
+                self.workers_seen.add(t.node_id)
+            elif t.state == "done":
+                self.counts["done"] += 1
+            elif t.state == "failed":
+                self.counts["failed"] += 1
+        self.dispatch.fresh.extend(pending)
 
     def _stage_inputs(self) -> list[dict[str, Any]]:
         """Copy the job's inputs into the CE, named by content, so workers fetch each once."""
@@ -233,6 +286,8 @@ class CoordinatorCE:
         elif env.kind == "hb":
             if node not in self.dispatch.workers and node not in self.recruited:
                 await self.send(node, "release", {"reason": "not a member of this CE"})
+        elif env.kind == "rep-ack":
+            self.replication.on_ack(node, int(env.body.get("seq", 0)))
         elif env.kind == "bye" and self.state == "finishing":
             self.dispatch.remove_worker(node)
         elif env.kind in ("bye", "lost"):
@@ -246,13 +301,27 @@ class CoordinatorCE:
         slots = int(env.body.get("slots", 1))
         self.recruited.pop(node, None)
         self.sessions[node] = str(env.body.get("session", ""))
-        if node in self.dispatch.workers:
-            return
         self.dispatch.add_worker(node, max(1, slots))
+        # After a failover a worker reattaches with the tasks it is still running: they stay its own.
+        for index in env.body.get("running") or []:
+            if isinstance(index, int) and 0 <= index < len(self.job.tasks) and index not in self.dispatch.running:
+                self.dispatch.claim(index, node)
         self.workers_seen.add(node)
         log.info("CE %s: worker %s joined with %d slot(s)", self.ce, node[:8], slots)
+        await self._rename_replicas()
         assert self.half is not None
         await self.half.worker_joined(node, slots)
+
+    async def _rename_replicas(self) -> None:
+        k = self.job.replicas if self.job.replicas is not None else (1 if len(self.dispatch.workers) >= 2 else 0)
+        if self.replication.rename(list(self.dispatch.workers), k):
+            log.info("CE %s: replicas %s", self.ce, [r[:8] for r in self.replication.replicas])
+            if self.bus and self.bus.connected:
+                await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("replicas", self._membership()))
+
+    def _membership(self) -> dict[str, Any]:
+        return {"lease": self.lease_s, "replicas": list(self.replication.replicas),
+                "timeout": self.failover_timeout_s}
 
     async def worker_lost(self, node: str, reason: str) -> None:
         if node not in self.dispatch.workers:
@@ -262,6 +331,7 @@ class CoordinatorCE:
         if self.journal and lost:
             await asyncio.to_thread(self.journal.requeue_node, self.job_id, node, reason)
         log.warning("CE %s: worker %s lost (%s); %d task(s) requeued", self.ce, node[:8], reason, len(lost))
+        await self._rename_replicas()
         assert self.half is not None
         await self.half.worker_lost(node, lost)
         await self._check_settled()
@@ -279,15 +349,14 @@ class CoordinatorCE:
         assert self.bus is not None
         while True:
             try:
-                await self.bus.publish(topic(self.grid, self.ce, "all"),
-                                       self._env("hb", {"lease": self.lease_s}), qos=0)
+                await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("hb", self._membership()), qos=0)
                 now = time.monotonic()
                 silent = [n for n in self.dispatch.workers if now - self.last_seen.get(n, now) > self.worker_timeout_s]
                 for node in silent:
                     await self.worker_lost(node, f"silent for {self.worker_timeout_s:g}s")
             except Exception:
                 log.exception("CE %s: heartbeat failed", self.ce)
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.failover_timeout_s / 4)
 
     async def _recruit_loop(self) -> None:
         while not self._done.is_set() and self.state == "running":
@@ -297,8 +366,42 @@ class CoordinatorCE:
                 log.exception("CE %s: recruitment round failed", self.ce)
             await asyncio.sleep(RECRUIT_EVERY_S)
 
+    def superseded_by(self) -> NodeRecord | None:
+        """A coordinator of this CE with a claim that wins over ours (we were cut off and replaced)."""
+        for rec in self.daemon.view.nodes.values():
+            a = rec.ann
+            if a.role is Role.COORDINATOR and a.ce == self.ce and a.epoch is not None \
+                    and supersedes(a.epoch, a.node_id, self.epoch, self.daemon.node_id):
+                return rec
+        return None
+
+    async def step_down(self, successor: NodeRecord) -> None:
+        """Leave the CE to its successor without touching the job: no release, no final state."""
+        async with self._lock:
+            if self._done.is_set():
+                return
+            log.warning("CE %s: %s coordinates it now with epoch %s > %s: stepping down", self.ce,
+                        successor.ann.host, successor.ann.epoch, self.epoch)
+            self.stepped_down = True
+            self.state = "moved"
+            self.message = f"coordinated by {successor.ann.host} ({successor.ann.node_id[:8]}) since epoch " \
+                           f"{successor.ann.epoch}"
+            me = asyncio.current_task()
+            for t in self._tasks:
+                if t is not me:
+                    t.cancel()
+            await self._teardown()
+            if self.on_finish:
+                await self.on_finish(self)
+            self._write_summary()
+            self._done.set()
+
     async def _recruit_once(self) -> None:
         now = time.monotonic()
+        successor = self.superseded_by()
+        if successor is not None:
+            await self.step_down(successor)
+            return
         for node in self.dispatch.idle_workers():
             await self.release_worker(node, "no tasks left for it")
         # accepted but never said hello: give up on them after the worker timeout
@@ -363,10 +466,22 @@ class CoordinatorCE:
         journal, job_id, now = self.journal, self.job_id, time.time()
 
         def mark() -> list[tuple[int, int]]:
+            out = []
             with journal.batch():
-                return [(i, journal.mark_running(job_id, i, node, now)) for i in picked]
+                for i in picked:
+                    try:
+                        out.append((i, journal.mark_running(job_id, i, node, now)))
+                    except InvalidTransitionError:
+                        # After a failover the journal may still show it on a worker that is gone.
+                        if journal.task(job_id, i).state != "running":
+                            self.dispatch.finish(i)  # already done or failed for good
+                            continue
+                        journal.requeue(job_id, i, "reassigned after a failover")
+                        out.append((i, journal.mark_running(job_id, i, node, now)))
+            return out
 
         out = await asyncio.to_thread(mark)
+        self.replication.wake.set()
         if self.first_task_at is None:
             self.first_task_at = now
         return out
@@ -423,6 +538,7 @@ class CoordinatorCE:
             return out
 
         outcomes = await asyncio.to_thread(record_all)
+        self.replication.wake.set()
         requeued = False
         for index, recorded, failure in outcomes:
             if recorded:

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 TOKEN_WINDOW_S = 120
 CHUNK = 1 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_OUT_RE = re.compile(r"^/outputs/(\d{1,9})/(\d{1,6})/(.+)$")
+_OUT_RE = re.compile(r"^/outputs/(\d{1,9})/(\d{1,6})/(.+)$")  # PUT: an attempt's upload
+_REC_RE = re.compile(r"^/outputs/(\d{1,9})/(.+)$")  # GET: a recorded output
 
 
 def sha256_file(path: Path) -> str:
@@ -54,10 +55,11 @@ class DataServer:
     """Serves `inputs/<sha256>` and accepts `outputs/<index>/<attempt>/<path>` into a staging dir."""
 
     def __init__(self, key: GridKey, ce: str, inputs_dir: Path, staging_dir: Path, host: str,
-                 max_upload: int = 64 << 30) -> None:
+                 max_upload: int = 64 << 30, outputs_dir: Path | None = None) -> None:
         self._key = key.derive("data/" + ce)
         self.inputs_dir = inputs_dir
         self.staging_dir = staging_dir
+        self.outputs_dir = outputs_dir  # recorded outputs, fetched by replicas
         self.max_upload = max_upload
         outer = self
 
@@ -90,10 +92,9 @@ class DataServer:
                 if not self._authorized():
                     log.warning("refused data request from %s: bad token", self.client_address[0])
                     return self._reply(403, "forbidden")
-                sha = self.path.removeprefix("/inputs/")
-                path = outer.inputs_dir / sha
-                if not self.path.startswith("/inputs/") or not _SHA_RE.match(sha) or not path.is_file():
-                    return self._reply(404, "no such input")
+                path = outer._resolve_get(self.path)
+                if path is None or not path.is_file():
+                    return self._reply(404, "no such file")
                 self.send_response(200)
                 self.send_header("Content-Length", str(path.stat().st_size))
                 self.end_headers()
@@ -143,6 +144,19 @@ class DataServer:
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="bg-data", daemon=True)
 
+    def _resolve_get(self, url_path: str) -> Path | None:
+        """`/inputs/<sha256>` or `/outputs/<index>/<path>`; None for anything else or outside."""
+        if url_path.startswith("/inputs/"):
+            sha = url_path.removeprefix("/inputs/")
+            return self.inputs_dir / sha if _SHA_RE.match(sha) else None
+        m = _REC_RE.match(url_path)
+        if m and self.outputs_dir is not None:
+            try:
+                return safe_join(self.outputs_dir / m[1], urllib.parse.unquote(m[2]))
+            except ValueError:
+                return None
+        return None
+
     def start(self) -> None:
         self._thread.start()
 
@@ -155,9 +169,10 @@ class DataError(Exception):
     pass
 
 
-def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float = 60.0) -> None:
-    """Download input `sha` to `dest`, checking its sha256 (blocking: call in a thread)."""
-    path = f"/inputs/{sha}"
+def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float = 60.0,
+          path: str | None = None) -> None:
+    """Download input `sha` (or the file at `path`) to `dest`, checking its sha256 (blocking: call in a thread)."""
+    path = path or f"/inputs/{sha}"
     req = urllib.request.Request(url + path, headers={"Authorization": auth_header(key, ce, "GET", path)})
     tmp = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()

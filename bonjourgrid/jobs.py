@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import shutil
 from pathlib import Path
@@ -16,6 +17,8 @@ from .announcement import Role
 from .coordinator import CoordinatorCE
 from .jobspec import JobFileError, JobSpec
 from .journal import Journal, JournalError
+
+log = logging.getLogger("bonjourgrid.jobs")
 
 if TYPE_CHECKING:
     from .node import NodeDaemon
@@ -56,11 +59,49 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
         await daemon.feed(ns.EndCoordination(ce.ce))
         raise JobRequestError(f"could not start the computing element: {e}") from e
 
+    await _announce(daemon, ce)
+    return ce
+
+
+async def _announce(daemon: NodeDaemon, ce: CoordinatorCE) -> None:
+    """Publish the running CE in the node's Coordinator service; back to Idle when it ends."""
+
     async def finished(c: CoordinatorCE) -> None:
         await daemon.feed(ns.EndCoordination(c.ce))
 
     ce.on_finish = finished
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, bus=ce.bus_url, data=ce.data.url if ce.data else None))
+
+
+async def take_over(daemon: NodeDaemon, ce_id: str, epoch: int) -> CoordinatorCE | None:
+    """This replica becomes the CE's coordinator, from its copy of the journal."""
+    ce_dir = ces_dir(daemon) / ce_id
+    try:
+        journal = await asyncio.to_thread(Journal.open, ce_dir / "journal.db")
+        try:
+            job = CoordinatorCE.job_from_journal(journal, ce_id)
+        finally:
+            journal.close()
+    except (JournalError, ValueError, JobFileError) as e:
+        log.error("CE %s: cannot take over, no usable replica of the journal: %s", ce_id, e)
+        await daemon.feed(ns.Release(ce_id, daemon.machine.state.epoch))
+        return None
+    ce = CoordinatorCE(daemon, job, ce_id, ce_dir, broker_url=daemon.config.broker_url, epoch=epoch, resume=True)
+    try:
+        await daemon.feed(ns.Coordinate(ce_id, epoch))
+    except ns.InvalidTransition as e:
+        log.error("CE %s: cannot take over: %s", ce_id, e)
+        return None
+    daemon.ces[ce_id] = ce
+    try:
+        await ce.start()
+    except Exception as e:
+        log.exception("CE %s: takeover failed", ce_id)
+        await ce.cancel(f"takeover failed: {e}")
+        await daemon.feed(ns.EndCoordination(ce_id))
+        return None
+    log.warning("CE %s: took over as coordinator, epoch %d", ce_id, ce.epoch)
+    await _announce(daemon, ce)
     return ce
 
 
@@ -134,3 +175,37 @@ def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[s
     summary = {**status, "results_dir": str(dest), "tasks": tasks}
     (dest / "summary.json").write_text(json.dumps(summary, indent=2))
     return {**status, "results_dir": str(dest)}
+
+
+CHUNK = 4 << 20  # per control reply: a frame holds 8 MiB
+
+
+async def exported_dir(daemon: NodeDaemon, job: str) -> Path:
+    """The job's results as files on this node (written once the job is over), for remote readers."""
+    dest = daemon.config.state_dir / "exports" / job
+    status = job_status(daemon, job)
+    if status.get("state") in ("done", "failed", "cancelled") and (dest / "summary.json").is_file():
+        return dest
+    await export(daemon, job, dest)
+    return dest
+
+
+async def result_list(daemon: NodeDaemon, job: str) -> dict[str, Any]:
+    root = await exported_dir(daemon, job)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return {"files": [[f, (root / f).stat().st_size] for f in files], "status": job_status(daemon, job)}
+
+
+def result_file(daemon: NodeDaemon, job: str, rel: str, offset: int) -> dict[str, Any]:
+    from .sandbox import safe_join
+
+    try:
+        path = safe_join(daemon.config.state_dir / "exports" / job, rel)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(CHUNK)
+    except (ValueError, OSError) as e:
+        raise JobRequestError(f"cannot read {rel} of {job}: {e}") from None
+    import base64
+
+    return {"data": base64.b64encode(data).decode(), "eof": len(data) < CHUNK}

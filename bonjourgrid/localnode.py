@@ -33,6 +33,7 @@ class LocalNode:
     grid: str
     port: int = 0
     node_id: str = ""
+    host: str = "127.0.0.1"  # another node's address when following a CE that moved
 
     @classmethod
     def find(cls, state_dir: Path, key: GridKey, grid: str) -> LocalNode | None:
@@ -47,7 +48,7 @@ class LocalNode:
 
     async def ask(self, kind: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:
         try:
-            reply = await request("127.0.0.1", self.port, self.key, self.grid, Envelope(kind, "cli", body or {}),
+            reply = await request(self.host, self.port, self.key, self.grid, Envelope(kind, "cli", body or {}),
                                   timeout=timeout)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, BadMessage) as e:
             raise NodeUnavailable(f"the local node daemon did not answer: {e}") from None
@@ -67,3 +68,21 @@ async def wait_for_node(state_dir: Path, key: GridKey, grid: str, timeout: float
                 return node
         await asyncio.sleep(0.05)
     raise NodeUnavailable("the temporary node daemon did not come up")
+
+
+async def find_coordinator(key: GridKey, grid: str, ce: str, seconds: float = 1.5) -> LocalNode | None:
+    """The node coordinating `ce` now (highest epoch announced over mDNS), to follow a CE that moved."""
+    from .announcement import Role
+    from .election import supersedes
+    from .mdns import browse
+
+    view = await browse(grid, key, None, seconds)
+    best = None
+    for rec in view.nodes.values():
+        a = rec.ann
+        if a.role is Role.COORDINATOR and a.ce == ce and a.epoch is not None and rec.addresses and (
+                best is None or supersedes(a.epoch, a.node_id, best.ann.epoch or 0, best.ann.node_id)):
+            best = rec
+    if best is None:
+        return None
+    return LocalNode(Path("."), key, grid, best.port, best.ann.node_id, best.addresses[0])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import Backend, CoordinatorHalf, WorkerHalf
+from .bus import BusError
 from .coordinator import CoordinatorCE
 from .datasrv import DataError, fetch, upload
 from .envelope import Envelope
@@ -95,6 +96,10 @@ class NativeWorker(WorkerHalf):
         self.outstanding = 0  # tasks asked for and not yet received
         self.in_hand = 0  # received and not yet finished
         self.unacked: dict[tuple[int, int], dict[str, Any]] = {}
+        # Acknowledged results are kept until the CE releases us: after a failover the successor's
+        # journal may lag behind the old coordinator's, and it gets them again (it records each once).
+        self.acked: dict[tuple[int, int], dict[str, Any]] = {}
+        self.running_now: set[int] = set()
         self.sent_at: dict[tuple[int, int], float] = {}
         self._results: list[dict[str, Any]] = []
         self._flush = asyncio.Event()
@@ -130,8 +135,11 @@ class NativeWorker(WorkerHalf):
             return
         depth = max(1, min(MAX_PREFETCH_PER_SLOT, round(BUFFER_SECONDS / max(self._avg_task_s, 1e-4))))
         want = slots + slots * depth - held
+        try:
+            await self.worker.publish("pull", {"n": want})
+        except BusError:
+            return  # no coordinator right now: `reattached` asks again
         self.outstanding += want
-        await self.worker.publish("pull", {"n": want})
 
     async def on_message(self, env: Envelope) -> None:
         if env.kind == "tasks":
@@ -139,14 +147,31 @@ class NativeWorker(WorkerHalf):
             self.outstanding = max(self.outstanding - len(items), 0)
             for item in items:
                 self.in_hand += 1
+                self.running_now.add(int(item["index"]))
                 self.queue.put_nowait(item)
         elif env.kind == "acks":
             for index, attempt in env.body.get("items") or []:
-                self.unacked.pop((index, attempt), None)
+                if (index, attempt) in self.unacked:
+                    self.acked[(index, attempt)] = self.unacked.pop((index, attempt))
                 self.sent_at.pop((index, attempt), None)
         elif env.kind == "cancel":
             for t in list(self._running):
                 t.cancel()
+
+    def running(self) -> list[int]:
+        """Tasks in hand (running or queued here): a new coordinator leaves them to us."""
+        return sorted(self.running_now)
+
+    async def reattached(self) -> None:
+        """A new coordinator: resend every result we hold, and ask for work again."""
+        for key, result in self.acked.items():
+            self.unacked.setdefault(key, result)
+        self.acked.clear()
+        self._results = list(self.unacked.values())
+        self.sent_at.clear()
+        self._flush.set()
+        self.outstanding = 0
+        await self._pull()
 
     # ---------------------------------------------------------------- tasks --
 
@@ -166,6 +191,7 @@ class NativeWorker(WorkerHalf):
     async def _run_one(self, item: dict[str, Any]) -> None:
         cfg = self.worker.config
         index, attempt = int(item["index"]), int(item["attempt"])
+        self.running_now.add(index)
         sandbox = self.worker.dir / "tasks" / f"{index}-{attempt}"
         try:
             assert self._inputs_ready is not None
@@ -196,6 +222,7 @@ class NativeWorker(WorkerHalf):
             result = await self._result(index, attempt, sandbox, outcome)
         finally:
             self.in_hand -= 1
+            self.running_now.discard(index)
             self._free_slots.release()
         self.unacked[(index, attempt)] = result
         self._results.append(result)

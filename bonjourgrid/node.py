@@ -129,6 +129,12 @@ class NodeDaemon:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def take_over(self, ce: str, epoch: int) -> None:
+        """Our worker half of `ce` stepped aside: coordinate the CE from our replica of its journal."""
+        if self.worker is not None and self.worker.ce == ce:
+            self.worker = None
+        await jobs.take_over(self, ce, epoch)
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -319,6 +325,9 @@ class NodeDaemon:
             "jobs": lambda r: {"jobs": jobs.list_jobs(self)},
             "cancel": self._on_cancel,
             "export": self._on_export,
+            "result_list": lambda r: jobs.result_list(self, str(r.body.get("job", ""))),
+            "result_file": lambda r: jobs.result_file(self, str(r.body.get("job", "")), str(r.body.get("path", "")),
+                                                      int(r.body.get("offset", 0))),
         }.get(req.kind)
         if handler is None:
             return {"error": f"unknown request {req.kind!r}"}

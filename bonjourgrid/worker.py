@@ -1,7 +1,10 @@
-"""A computing element, worker side: membership, lease, heartbeats; the backend's worker half does the work.
+"""A computing element, worker side: membership, lease, failover; the backend's worker half does the work.
 
 Started by the node daemon when it accepts a recruit request, stopped when
-the node leaves the CE (release, lease expiry, owner, shutdown).
+the node leaves the CE (release, lease expiry, owner, shutdown). It watches the
+coordinator (heartbeats on the bus, Coordinator services over mDNS) through a
+sans-I/O `Election`: it reattaches to a successor, takes over itself when it is
+the replica whose turn it is, or gives the node back when nobody comes.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import backend as backends
 from . import nodestate as ns
+from .announcement import Role
 from .bus import Bus, BusError, bus_credentials, topic
+from .election import Election, GiveUp, Reattach, TakeOver
 from .envelope import Envelope
+from .replication import ReplicaStore
 
 if TYPE_CHECKING:
     from .node import NodeDaemon
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonjourgrid.worker")
 
 HEARTBEAT_S = 1.0
+TICK_S = 0.05
 
 
 class WorkerCE:
@@ -44,6 +51,10 @@ class WorkerCE:
         self.dir: Path = daemon.config.state_dir / "work" / ce
         self.bus: Bus | None = None
         self.half: backends.WorkerHalf | None = None
+        self.election = Election(self.node_id, ce, epoch, coordinator, float(config.get("failover_timeout", 1.0)),
+                                 lease_s, time.monotonic())
+        self.replica = ReplicaStore(daemon.config.state_dir / "ces" / ce, self.key, ce)
+        self.takeover_epoch: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -59,29 +70,24 @@ class WorkerCE:
 
     async def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        user, password = bus_credentials(self.key, self.grid, self.ce)
-        if not self.config.get("bus_auth", True):
-            user = password = None  # the CE runs on an external broker, used anonymously
-        will = (topic(self.grid, self.ce, "coord"), self.envelope("lost", {}))
-        self.bus = Bus(self.bus_url, self.key, self.grid, f"w-{self.node_id}-{self.ce}"[:64], will=will,
-                       username=user, password=password, keepalive=2)
         half_task = None
         try:
             self.half = backends.load(self.config.get("backend", "native")).worker(self)
-            await self.bus.connect()
-            self.bus.on_disconnect = lambda reason: log.warning("CE %s: bus lost: %s", self.ce, reason)
-            await self.bus.subscribe(topic(self.grid, self.ce, "w", self.node_id), self._on_message)
-            await self.bus.subscribe(topic(self.grid, self.ce, "all"), self._on_message)
-            await self.publish("hello", {"slots": self.slots, "session": self.bus.session})
+            await self._connect()
             log.info("CE %s: working for %s with %d slot(s)", self.ce, self.coordinator[:8], self.slots)
             half_task = asyncio.ensure_future(self.half.run())
-            while True:
+            next_beat = 0.0
+            while self.takeover_epoch is None:
                 if half_task.done():
                     half_task.result()  # surface a crash of the backend
                     break
-                with contextlib.suppress(BusError):
-                    await self.publish("hb", {}, qos=0)
-                await asyncio.sleep(HEARTBEAT_S)
+                now = time.monotonic()
+                if now >= next_beat and self.bus is not None and self.bus.connected:
+                    next_beat = now + HEARTBEAT_S
+                    with contextlib.suppress(BusError):
+                        await self.publish("hb", {}, qos=0)
+                await self._act(self.election.tick(now) + self._coordinators_seen(now))
+                await asyncio.sleep(TICK_S)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -93,12 +99,70 @@ class WorkerCE:
                     await half_task
             if self.bus is not None and self.bus.connected:
                 with contextlib.suppress(Exception):
-                    await self.publish("bye", {})
+                    if self.takeover_epoch is None:
+                        await self.publish("bye", {})
                     await self.bus.close()
+            await asyncio.to_thread(self.replica.close)
             shutil.rmtree(self.dir, ignore_errors=True)
-            # If the worker ended on its own (crash, bus gone), hand the node back.
-            if not self.daemon.stopping:
+            if self.takeover_epoch is not None:
+                self.daemon.spawn(self.daemon.take_over(self.ce, self.takeover_epoch))
+            elif not self.daemon.stopping:
+                # The worker ended on its own (crash, nobody took over): hand the node back.
                 await self.daemon.feed(ns.Release(self.ce, self.epoch))
+
+    async def _connect(self) -> None:
+        """(Re)connect to the current coordinator's bus and say hello."""
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+        user, password = bus_credentials(self.key, self.grid, self.ce)
+        if not self.config.get("bus_auth", True):
+            user = password = None  # the CE runs on an external broker, used anonymously
+        will = (topic(self.grid, self.ce, "coord"), self.envelope("lost", {}))
+        self.bus = Bus(self.bus_url, self.key, self.grid, f"w-{self.node_id}-{self.ce}"[:64], will=will,
+                       username=user, password=password, keepalive=2)
+        await self.bus.subscribe(topic(self.grid, self.ce, "w", self.node_id), self._on_message)
+        await self.bus.subscribe(topic(self.grid, self.ce, "all"), self._on_message)
+        await self.bus.connect()
+        running = self.half.running() if self.half is not None and hasattr(self.half, "running") else []
+        await self.publish("hello", {"slots": self.slots, "session": self.bus.session, "running": running})
+
+    # ------------------------------------------------------------- failover --
+
+    def _coordinators_seen(self, now: float) -> list[Any]:
+        actions: list[Any] = []
+        for rec in list(self.daemon.view.nodes.values()):
+            a = rec.ann
+            # A takeover first claims the role, then announces its bus: follow it once it can be reached.
+            if a.role is Role.COORDINATOR and a.ce == self.ce and a.epoch is not None and a.bus:
+                actions += self.election.coordinator_seen(a.epoch, a.node_id, a.bus, a.data, now)
+        return actions
+
+    async def _act(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Reattach):
+                await self._reattach(action)
+            elif isinstance(action, TakeOver):
+                log.warning("CE %s: coordinator %s silent: taking over with epoch %d", self.ce,
+                            self.coordinator[:8], action.epoch)
+                self.takeover_epoch = action.epoch
+            elif isinstance(action, GiveUp):
+                log.warning("CE %s: no coordinator for %gs: leaving the CE", self.ce, self.lease_s)
+                await self.daemon.feed(ns.Release(self.ce, self.epoch))
+
+    async def _reattach(self, r: Reattach) -> None:
+        log.warning("CE %s: following coordinator %s (epoch %d)", self.ce, r.coordinator[:8], r.epoch)
+        self.coordinator, self.epoch = r.coordinator, r.epoch
+        await self.daemon.feed(ns.RenewLease(self.ce, r.epoch, self.lease_s, time.monotonic()))
+        if r.bus and r.bus != self.bus_url:
+            self.bus_url, self.data_url = r.bus, r.data or self.data_url
+            try:
+                await self._connect()
+            except BusError as e:
+                log.warning("CE %s: cannot reach the new coordinator's bus yet: %s", self.ce, e)
+                return
+        if self.half is not None and hasattr(self.half, "reattached"):
+            await self.half.reattached()
 
     # -------------------------------------------------------------- helpers --
 
@@ -111,20 +175,39 @@ class WorkerCE:
         return Envelope(kind=kind, sender=self.node_id, body=body, ce=self.ce, epoch=self.epoch)
 
     async def publish(self, kind: str, body: dict[str, Any], qos: int = 1) -> None:
-        assert self.bus is not None
+        """Raises BusError while the coordinator is unreachable (between a failure and a reattach)."""
+        if self.bus is None:
+            raise BusError("not connected")
         await self.bus.publish(topic(self.grid, self.ce, "coord"), self.envelope(kind, body), qos=qos)
 
     async def _on_message(self, _topic: str, env: Envelope) -> None:
-        if env.ce != self.ce or env.sender != self.coordinator:
+        if env.ce != self.ce or env.epoch is None:
             return
-        if env.epoch is not None and env.epoch < self.epoch:
-            log.warning("CE %s: refused a message of stale epoch %s < %s", self.ce, env.epoch, self.epoch)
+        now = time.monotonic()
+        if env.kind in ("hb", "replicas"):
+            replicas = tuple(str(r) for r in env.body.get("replicas") or ())
+            await self._act(self.election.heartbeat(env.epoch, env.sender, now, replicas=replicas))
+            if (env.sender, env.epoch) == (self.coordinator, self.epoch):
+                await self.daemon.feed(ns.RenewLease(self.ce, self.epoch,
+                                                     float(env.body.get("lease", self.lease_s)), now))
             return
-        if env.kind == "hb":
-            await self.daemon.feed(ns.RenewLease(self.ce, self.epoch, float(env.body.get("lease", self.lease_s)),
-                                                 time.monotonic()))
-        elif env.kind == "release":
+        if (env.sender, env.epoch) != (self.coordinator, self.epoch):
+            log.warning("CE %s: refused a %s from %s at epoch %s (following %s at epoch %s)", self.ce, env.kind,
+                        env.sender[:8], env.epoch, self.coordinator[:8], self.epoch)
+            return
+        if env.kind == "release":
             log.info("CE %s: released (%s)", self.ce, env.body.get("reason") or env.body.get("state", ""))
             await self.daemon.feed(ns.Release(self.ce, self.epoch))
+        elif env.kind == "rep":
+            await self._replicate(env.body)
         elif self.half is not None:
             await self.half.on_message(env)
+
+    async def _replicate(self, body: dict[str, Any]) -> None:
+        try:
+            seq = await asyncio.to_thread(self.replica.apply, body, self.data_url)
+        except Exception as e:  # a bad batch: say nothing, the coordinator resends from our last ack
+            log.warning("CE %s: could not apply replicated changes: %s", self.ce, e)
+            return
+        with contextlib.suppress(BusError):
+            await self.publish("rep-ack", {"seq": seq})

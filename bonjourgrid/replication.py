@@ -1,0 +1,140 @@
+"""Passive replication of a CE's journal to its replicas (DESIGN section 6).
+
+The coordinator names k replicas among its workers (rank 1..k) and streams its
+journal's change log to each, in order; a replica applies the changes to a
+journal of its own (same path layout as a coordinator's, so a takeover just
+opens it), fetches the job's inputs and every recorded output file from the
+coordinator's data endpoint, and acknowledges the last sequence number it
+holds. The stream is asynchronous: results that reached the coordinator but not
+yet a replica are recovered after a failover from the workers, which keep their
+results until the CE releases them and resend them to the new coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from .datasrv import DataError, fetch
+from .gridkey import GridKey
+from .journal import Change, Journal, JournalError
+from .sandbox import safe_join
+
+if TYPE_CHECKING:
+    from .coordinator import CoordinatorCE
+
+log = logging.getLogger("bonjourgrid.replication")
+
+BATCH = 500
+RESEND_S = 2.0
+
+
+def choose_replicas(current: list[str], workers: list[str], k: int) -> list[str]:
+    """Keep the live replicas in their rank order, fill up to k from the other workers (join order)."""
+    kept = [r for r in current if r in workers][:k]
+    return kept + [w for w in workers if w not in kept][: k - len(kept)]
+
+
+class ReplicationSender:
+    """Coordinator side: one ordered stream per replica, resent until acknowledged."""
+
+    def __init__(self, ce: CoordinatorCE) -> None:
+        self.ce = ce
+        self.replicas: list[str] = []
+        self.acked: dict[str, int] = {}
+        self.sent: dict[str, tuple[int, float]] = {}  # replica -> (seq sent up to, when)
+        self.wake = asyncio.Event()
+
+    def rename(self, workers: list[str], k: int) -> bool:
+        """Re-rank the replicas; True if the ranking changed (and must be announced)."""
+        new = choose_replicas(self.replicas, workers, k)
+        if new == self.replicas:
+            return False
+        for r in new:
+            self.acked.setdefault(r, 0)
+        for r in set(self.replicas) - set(new):
+            self.acked.pop(r, None)
+            self.sent.pop(r, None)
+        self.replicas = new
+        self.wake.set()
+        return True
+
+    def on_ack(self, node: str, seq: int) -> None:
+        if node in self.acked:
+            self.acked[node] = max(self.acked[node], seq)
+            self.sent.pop(node, None)
+            self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), 0.5)
+            self.wake.clear()
+            journal = self.ce.journal
+            if journal is None:
+                return
+            last = journal.last_seq()
+            now = time.monotonic()
+            for node in list(self.replicas):
+                done = self.acked.get(node, 0)
+                in_flight = self.sent.get(node)
+                if done >= last or (in_flight and now - in_flight[1] < RESEND_S):
+                    continue
+                changes = await asyncio.to_thread(journal.changes_since, done, BATCH)
+                if not changes:
+                    continue
+                self.sent[node] = (changes[-1].seq, now)
+                await self.ce.send(node, "rep", {"changes": [c.to_dict() for c in changes],
+                                                 "inputs": self.ce.inputs})
+
+
+class ReplicaStore:
+    """Replica side: the CE's journal and files on this node, kept ready for a takeover."""
+
+    def __init__(self, ce_dir: Path, key: GridKey, ce: str) -> None:
+        self.dir = ce_dir
+        self.key = key
+        self.ce = ce
+        self.journal: Journal | None = None
+
+    def apply(self, body: dict[str, Any], data_url: str | None) -> int:
+        """Apply one batch (blocking: call in a thread); returns the last sequence number held."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.journal is None:
+            self.journal = Journal.open(self.dir / "journal.db")
+        inputs = body.get("inputs") or []
+        for f in inputs:
+            self._fetch(data_url, f"/inputs/{f['sha256']}", f["sha256"], self.dir / "inputs" / f["sha256"])
+        manifest = self.dir / "inputs.json"
+        if not manifest.exists():
+            manifest.write_text(json.dumps(inputs))
+        changes = [Change.from_dict(c) for c in body.get("changes") or []]
+        fresh = [c for c in changes if c.seq > self.journal.last_seq()]
+        for c in fresh:
+            if c.op == "result":
+                index = int(c.payload["task"])
+                for o in c.payload["result"].get("outputs", ()):
+                    dest = safe_join(self.dir / "outputs" / str(index), o["path"])
+                    self._fetch(data_url, f"/outputs/{index}/{quote(o['path'])}", o["sha256"], dest)
+        self.journal.apply(fresh)
+        return self.journal.last_seq()
+
+    def _fetch(self, data_url: str | None, path: str, sha: str, dest: Path) -> None:
+        if dest.is_file():
+            return
+        if not data_url:
+            raise DataError("no data endpoint to replicate files from")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fetch(data_url, self.key, self.ce, sha, dest, path=path)
+
+    def close(self) -> None:
+        if self.journal is not None:
+            with contextlib.suppress(JournalError):
+                self.journal.close()
+            self.journal = None
