@@ -221,6 +221,14 @@ def node(
         str | None, typer.Option(help="External MQTT broker for the CEs this node coordinates, mqtt://HOST:PORT "
                                  "(default: an embedded one per CE).")
     ] = None,
+    failover_timeout: Annotated[
+        float, typer.Option(help="Workers of this node's CEs suspect it after this many seconds without a "
+                            "heartbeat; replicas then take over in rank order.", min=0.2)
+    ] = 1.0,
+    lease: Annotated[
+        float, typer.Option(help="Workers of this node's CEs go back to Idle after this many seconds without "
+                            "any coordinator (no orphans).", min=2.0)
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
@@ -231,6 +239,7 @@ def node(
     config = node_config(key_file, grid, state_dir, interface, cpus, memory, tag, port, name,
                          OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)
     config.broker_url = broker
+    config.failover_timeout_s, config.lease_s = failover_timeout, lease
     try:
         daemon = NodeDaemon(config)
         asyncio.run(daemon.run())

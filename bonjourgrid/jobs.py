@@ -48,7 +48,7 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
         )
     job_id = f"{spec.name[:40]}-{secrets.token_hex(3)}"
     ce = CoordinatorCE(daemon, spec, job_id, ces_dir(daemon) / job_id,
-                       broker_url=body.get("broker") or daemon.config.broker_url)
+                       broker_url=body.get("broker") or daemon.config.broker_url, **_timing(daemon))
     # Claim the role first, so a second submit arriving meanwhile is refused.
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch))
     daemon.ces[job_id] = ce
@@ -61,6 +61,10 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
 
     await _announce(daemon, ce)
     return ce
+
+
+def _timing(daemon: NodeDaemon) -> dict[str, float]:
+    return {"lease_s": daemon.config.lease_s, "failover_timeout_s": daemon.config.failover_timeout_s}
 
 
 async def _announce(daemon: NodeDaemon, ce: CoordinatorCE) -> None:
@@ -86,7 +90,8 @@ async def take_over(daemon: NodeDaemon, ce_id: str, epoch: int) -> CoordinatorCE
         log.error("CE %s: cannot take over, no usable replica of the journal: %s", ce_id, e)
         await daemon.feed(ns.Release(ce_id, daemon.machine.state.epoch))
         return None
-    ce = CoordinatorCE(daemon, job, ce_id, ce_dir, broker_url=daemon.config.broker_url, epoch=epoch, resume=True)
+    ce = CoordinatorCE(daemon, job, ce_id, ce_dir, broker_url=daemon.config.broker_url, epoch=epoch, resume=True,
+                       **_timing(daemon))
     try:
         await daemon.feed(ns.Coordinate(ce_id, epoch))
     except ns.InvalidTransition as e:

@@ -59,6 +59,8 @@ class NodeConfig:
     port: int = 0
     host: str = field(default_factory=lambda: safe_hostname(socket.gethostname()))
     broker_url: str | None = None  # external MQTT broker for the CEs this node coordinates
+    lease_s: float = 30.0  # workers of our CEs go back to Idle after this long without us
+    failover_timeout_s: float = 1.0  # our workers suspect us after this long without a heartbeat
 
 
 def safe_hostname(name: str) -> str:

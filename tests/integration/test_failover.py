@@ -1,0 +1,166 @@
+"""Fault tolerance with real faults: SIGKILL, links down, partitions (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from conftest import GridNode
+
+from bonjourgrid.journal import Journal
+from bonjourgrid.testbed import wait_for
+
+FAST = ("--cpus", "1", "--failover-timeout", "1", "--lease", "6")
+
+
+def start_job(node: GridNode, res: Path, n: int, sleep: float, *extra: str):
+    return node.host.spawn(node.cli_argv(
+        "submit", "--json", "--results", str(res), "--tasks", str(n), "--output", "out.txt", *extra, "--",
+        "sh", "-c", f"sleep {sleep}; echo {{i}} > out.txt; echo t{{i}}"), "submit")
+
+
+def done_count(node: GridNode) -> int:
+    r = node.cli("jobs", "--json")
+    jobs = json.loads(r.stdout) if r.returncode == 0 else []
+    return max((j["tasks_done"] for j in jobs), default=0)
+
+
+def check_results(res: Path, n: int) -> dict:
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == n, summary.get("message")
+    width = len(str(n - 1))
+    for i in range(n):
+        d = res / f"{i:0{width}d}"
+        assert (d / "outputs" / "out.txt").read_text() == f"{i}\n"
+        assert (d / "stdout").read_text() == f"t{i}\n"
+    return summary
+
+
+def results_recorded_once(node: GridNode, job: str, n: int) -> None:
+    """In the final coordinator's journal, every task has exactly one recorded result."""
+    journal = Journal.open(node.state_dir / "ces" / job / "journal.db")
+    try:
+        ops = [c.payload for c in journal.changes_since(0, 1_000_000) if c.op == "result"]
+    finally:
+        journal.close()
+    assert sorted(p["task"] for p in ops) == list(range(n))
+
+
+def who_coordinates(nodes: list[GridNode]) -> GridNode | None:
+    for n in nodes:
+        if n.proc.alive() and "took over as coordinator" in n.proc.output():
+            return n
+    return None
+
+
+def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_path):
+    g = grid(5)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 200, 0.1)
+    wait_for(lambda: done_count(nodes[0]) >= 30, 60, 0.2, "a part of the job to be done")
+    nodes[0].proc.kill()  # the coordinator's node daemon, its broker and everything it started
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to follow the CE and end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    assert "following" in sub.output()
+    summary = check_results(res, 200)
+    successor = who_coordinates(nodes[1:])
+    assert successor is not None
+    results_recorded_once(successor, summary["job"], 200)
+
+
+def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
+    g = grid(5)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    res = tmp_path / "res"
+    job = tmp_path / "job.toml"
+    job.write_text('name = "twice"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
+                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
+    wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
+    nodes[0].proc.kill()
+    first = wait_for(lambda: who_coordinates(nodes[1:]), 30, 0.2, "a successor")
+    time.sleep(2.0)  # let it work and replicate a little
+    first.proc.kill()
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    check_results(res, 150)
+
+
+def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 80, 0.2)
+    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    victim = next(n for n in nodes[1:] if "now worker" in n.proc.output()
+                  and "replicas" not in n.proc.output())
+    victim.proc.kill()
+    wait_for(lambda: not sub.alive(), 120, 0.5, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    check_results(res, 80)
+    assert re.search(r"worker \w+ lost", nodes[0].proc.output())
+
+
+def test_coordinator_and_replicas_killed_workers_go_back_to_idle(grid, tmp_path):
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    sub = start_job(nodes[0], tmp_path / "res", 400, 0.2)
+    ids = {n["id"][:8]: n["host"] for n in nodes[0].view()[0]}
+    replicas = wait_for(lambda: re.findall(r"replicas \['(\w+)'", nodes[0].proc.output()), 30, 0.2, "replicas")
+    replica = next(n for n in nodes if n.host.name == ids[replicas[-1]])
+    wait_for(lambda: done_count(nodes[0]) >= 5, 60, 0.2, "some tasks done")
+    t0 = time.monotonic()
+    nodes[0].proc.kill()
+    replica.proc.kill()
+    survivors = [n for n in nodes if n.proc.alive()]
+    wait_for(lambda: set(survivors[0].sees().get(n.host.name) for n in survivors) == {"idle"}, 30, 0.3,
+             "the orphaned workers back to idle")
+    assert time.monotonic() - t0 < 6 + 5  # within the lease (6 s), plus detection slack
+    sub.kill()
+
+
+def test_partitioned_coordinator_steps_down_after_healing(grid, tmp_path):
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 150, 0.15)
+    wait_for(lambda: done_count(nodes[0]) >= 15, 60, 0.2, "a part of the job to be done")
+    h = g.testbed.hosts
+    g.testbed.partition([h[0]], h[1:])
+    successor = wait_for(lambda: who_coordinates(nodes[1:]), 30, 0.2, "a successor on the other side")
+    time.sleep(3.0)
+    g.testbed.heal()
+    wait_for(lambda: "stepping down" in nodes[0].proc.output(), 30, 0.3, "the old coordinator to step down")
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 150)
+    results_recorded_once(successor, summary["job"], 150)
+    coordinators = [n for n in successor.view()[0] if n["state"] == "coordinator"]
+    assert coordinators == []  # the job is over: nobody coordinates it any more
+
+
+def test_flapping_worker_loses_nothing_and_duplicates_nothing(grid, tmp_path):
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 200, 0.2)
+    wait_for(lambda: done_count(nodes[0]) >= 5, 60, 0.2, "the job to start")
+    flapper = g.testbed.hosts[3]
+    for _ in range(3):  # its link down 3 s every 6 s
+        flapper.link_down()
+        time.sleep(3)
+        flapper.link_up()
+        time.sleep(3)
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 200)
+    results_recorded_once(nodes[0], summary["job"], 200)
