@@ -30,7 +30,7 @@ from .cli import (
     out,
 )
 from .jobspec import JobFileError, JobSpec, load_job, sweep_job
-from .localnode import LocalNode, NodeUnavailable, RequestFailed, find_coordinator, wait_for_node
+from .localnode import LocalNode, NodeUnavailable, RequestFailed, find_job, wait_for_node
 from .paths import default_state_dir
 
 FINAL = ("done", "failed", "cancelled")
@@ -210,7 +210,7 @@ SUCCESSOR_WAIT_S = 120.0
 async def _successor(old: LocalNode, job: str) -> LocalNode:
     deadline = asyncio.get_running_loop().time() + SUCCESSOR_WAIT_S
     while asyncio.get_running_loop().time() < deadline:
-        found = await find_coordinator(old.key, old.grid, job)
+        found = await find_job(old.key, old.grid, job)
         if found is not None and found.node_id != old.node_id:
             err.print(f"following {job} to its new coordinator {found.node_id[:8]} at {found.host}")
             return found

@@ -70,19 +70,34 @@ async def wait_for_node(state_dir: Path, key: GridKey, grid: str, timeout: float
     raise NodeUnavailable("the temporary node daemon did not come up")
 
 
-async def find_coordinator(key: GridKey, grid: str, ce: str, seconds: float = 1.5) -> LocalNode | None:
-    """The node coordinating `ce` now (highest epoch announced over mDNS), to follow a CE that moved."""
+async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> LocalNode | None:
+    """The node to ask about `job` now: its coordinator (highest claim announced over mDNS), or,
+    once the job is over and nobody coordinates it, any node that knows it (its last coordinator)."""
     from .announcement import Role
     from .election import supersedes
     from .mdns import browse
 
     view = await browse(grid, key, None, seconds)
+
+    def node(rec: Any) -> LocalNode:
+        return LocalNode(Path("."), key, grid, rec.port, rec.ann.node_id, rec.addresses[0])
+
     best = None
     for rec in view.nodes.values():
         a = rec.ann
-        if a.role is Role.COORDINATOR and a.ce == ce and a.epoch is not None and rec.addresses and (
+        if a.role is Role.COORDINATOR and a.ce == job and a.epoch is not None and rec.addresses and (
                 best is None or supersedes(a.epoch, a.node_id, best.ann.epoch or 0, best.ann.node_id)):
             best = rec
-    if best is None:
-        return None
-    return LocalNode(Path("."), key, grid, best.port, best.ann.node_id, best.addresses[0])
+    if best is not None:
+        return node(best)
+    for rec in view.nodes.values():
+        if not rec.addresses:
+            continue
+        candidate = node(rec)
+        try:
+            status = await candidate.ask("job", {"job": job}, timeout=2)
+        except (NodeUnavailable, RequestFailed):
+            continue
+        if status.get("state") not in (None, "moved"):
+            return candidate
+    return None

@@ -151,7 +151,7 @@ class Testbed:
         self.switch = f"{self.tag}-sw"
         self.hosts: list[Host] = []
         self._namespaces: list[str] = []
-        self._vlans: dict[str, int] = {}
+        self._bridges: list[str] = []  # extra bridges made by `partition`
 
     def __enter__(self) -> Testbed:
         try:
@@ -195,26 +195,20 @@ class Testbed:
         self._namespaces.append(name)
 
     def partition(self, *groups: Sequence[Host]) -> None:
-        """Split the bridge into VLANs: hosts of different groups no longer hear each other."""
-        _ip("-n", self.switch, "link", "set", "br0", "type", "bridge", "vlan_filtering", "1")
+        """Split the network: each group gets a bridge of its own, so groups no longer hear each other."""
         for g, hosts in enumerate(groups):
+            bridge = "br0" if g == 0 else f"br{g}"
+            if g and bridge not in self._bridges:
+                _ip("-n", self.switch, "link", "add", bridge, "type", "bridge", "mcast_snooping", "0")
+                _ip("-n", self.switch, "link", "set", bridge, "up")
+                self._bridges.append(bridge)
             for h in hosts:
-                self._bridge("vlan", "add", "dev", h.port, "vid", str(100 + g), "pvid", "untagged")
-                self._bridge("vlan", "del", "dev", h.port, "vid", "1")
-                self._vlans[h.port] = 100 + g
+                _ip("-n", self.switch, "link", "set", h.port, "master", bridge)
 
     def heal(self) -> None:
         """Undo `partition`: every host on one segment again."""
-        for port, vid in self._vlans.items():
-            self._bridge("vlan", "add", "dev", port, "vid", "1", "pvid", "untagged")
-            self._bridge("vlan", "del", "dev", port, "vid", str(vid))
-        self._vlans.clear()
-        _ip("-n", self.switch, "link", "set", "br0", "type", "bridge", "vlan_filtering", "0")
-
-    def _bridge(self, *args: str) -> None:
-        r = subprocess.run(["bridge", "-n", self.switch, *args], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise TestbedError(f"bridge {' '.join(args)}: {r.stderr.strip()}")
+        for h in self.hosts:
+            _ip("-n", self.switch, "link", "set", h.port, "master", "br0")
 
     def destroy(self) -> None:
         for h in self.hosts:
