@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,7 +84,7 @@ def test_quorum_rejects_a_tampering_worker(grid, tmp_path):
     g = grid(4)
     h = g.testbed.hosts
     nodes = [g.start(h[0]), g.start(h[1]), g.start(h[2])]
-    # host3 is a malicious volunteer: its `python3` appends to every output the task writes.
+    # the fourth host is a malicious volunteer: its `python3` appends to every output the task writes.
     evil = Path(tempfile.mkdtemp(prefix="bgt-evil-"))
     evil.chmod(0o755)
     fake = evil / "python3"
@@ -91,9 +92,9 @@ def test_quorum_rejects_a_tampering_worker(grid, tmp_path):
                     "exit $rc\n")
     fake.chmod(0o755)
     try:
-        state = tmp_path / "host3-evil-state"
+        state = tmp_path / f"{h[3].name}-evil-state"
         argv = bonjourgrid_argv("node", "--key-file", str(g.key_file), "--grid", "default", "--state-dir",
-                                str(state), "--name", "host3", "--sample-interval", "0.5", "--log-level", "debug",
+                                str(state), "--name", h[3].name, "--sample-interval", "0.5", "--log-level", "debug",
                                 "--owner-cpu", "100")
         env = {**os.environ, "PATH": f"{evil}:{os.environ['PATH']}"}
         bad = h[3].spawn(argv, "node-evil", env=env)
@@ -128,18 +129,21 @@ def test_a_killed_client_has_its_task_reissued(grid, tmp_path):
     """)
     res = tmp_path / "res"
     proc = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
-    victim_id = next(n["id"] for n in nodes[0].view()[0] if n["host"] == "host1")
+    victim = nodes[1].host.name  # a worker (nodes[0] coordinates)
+    victim_id = next(n["id"] for n in nodes[0].view()[0] if n["host"] == victim)
 
     def victim_running_a_task() -> int | None:
-        r = subprocess.run(["pgrep", "-f", f"--dir /tmp/bg-boinc-{victim_id[:8]}"], capture_output=True, text=True)
+        r = subprocess.run(["pgrep", "-f", "--", f"boinc --dir /tmp/bg-boinc-{victim_id[:8]}"], capture_output=True, text=True)
         pids = [int(p) for p in r.stdout.split()]
         for pid in pids:
             kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-            if kids:
-                return pid
+            for kid in kids:
+                with contextlib.suppress(OSError):
+                    if b"bgtask" in Path(f"/proc/{kid}/cmdline").read_bytes():  # the wrapper app runs a task
+                        return pid
         return None
 
-    pid = wait_for(victim_running_a_task, 90, 0.2, "a task running on host1's client")
+    pid = wait_for(victim_running_a_task, 90, 0.2, f"a task running on {victim}'s client")
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not proc.alive(), 180, 0.5, "the job to end")
     assert proc.popen.returncode == 0, proc.output()[-3000:]
