@@ -133,7 +133,8 @@ def test_a_killed_client_has_its_task_reissued(grid, tmp_path):
     victim_id = next(n["id"] for n in nodes[0].view()[0] if n["host"] == victim)
 
     def victim_running_a_task() -> int | None:
-        r = subprocess.run(["pgrep", "-f", "--", f"boinc --dir /tmp/bg-boinc-{victim_id[:8]}"], capture_output=True, text=True)
+        pattern = f"boinc --dir /tmp/bg-boinc-{victim_id[:8]}"
+        r = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
         pids = [int(p) for p in r.stdout.split()]
         for pid in pids:
             kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
