@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 mosquitto docker.io busybox-static)
+APT_PACKAGES=(iproute2 mosquitto docker.io busybox-static boinc-client)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -19,6 +19,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
   # The packaged services are started by the tests themselves, on loopback and in namespaces only.
   systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  systemctl disable --now boinc-client >/dev/null 2>&1 || true  # workers run their own, unprivileged
 else
   echo "setup: not root: skipping Debian packages (${APT_PACKAGES[*]}); namespaced tests will be skipped"
 fi
@@ -28,7 +29,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 mkdir -p .cache
-if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]'; } \
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]' \
+    && .venv/bin/python -m pip install -q -e backends/boinc; } \
     >.cache/pip-install.log 2>&1; then
   tail -n 30 .cache/pip-install.log
   echo "setup: pip install failed (full log: .cache/pip-install.log)" >&2

@@ -1,0 +1,157 @@
+"""The BOINC backend with Debian's real boinc-client on namespaced hosts (no mock of BOINC anywhere)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_ce import WORK_PY, all_idle, submit, write_job
+
+from bonjourgrid.testbed import bonjourgrid_argv, wait_for
+
+pytestmark = pytest.mark.skipif(not shutil.which("boinc"), reason="boinc-client is not installed (scripts/setup.sh)")
+
+DATA = "some shared input data\n" * 1000
+
+JOB = """
+    name = "hash20"
+    backend = "{backend}"
+    inputs = ["work.py", {{ src = "data.txt", dest = "data.txt" }}]
+    outputs = ["out-*.txt"]
+    {extra}
+    [sweep]
+    argv = ["python3", "work.py", "{{i}}"]
+    count = {count}
+"""
+
+
+def job_file(d: Path, backend: str, count: int = 20, extra: str = "") -> Path:
+    return write_job(d, JOB.format(backend=backend, count=count, extra=extra), {"work.py": WORK_PY, "data.txt": DATA})
+
+
+def expected(i: int) -> str:
+    return f"{i} {hashlib.sha256(DATA.encode() + str(i).encode()).hexdigest()}\n"
+
+
+def results_tree(res: Path) -> dict[str, bytes]:
+    """Every output and stdout, by relative path: what must be identical across backends."""
+    return {str(p.relative_to(res)): p.read_bytes() for p in sorted(res.rglob("*"))
+            if p.is_file() and (p.name == "stdout" or "outputs" in p.parts)}
+
+
+def first_task_after(node, job_name: str) -> float | None:
+    r = node.cli("jobs", "--json")
+    for j in json.loads(r.stdout) if r.returncode == 0 else []:
+        if j.get("name") == job_name:
+            return j.get("first_task_after")
+    return None
+
+
+def test_twenty_tasks_on_three_boinc_clients_match_the_native_backend(grid, tmp_path):
+    g = grid(4)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    timings = {}
+    for backend in ("boinc", "native"):
+        res = tmp_path / f"res-{backend}"
+        t0 = time.monotonic()
+        code, summary, stderr = submit(nodes[0], str(job_file(tmp_path / backend, backend)), "--results", str(res))
+        full = json.loads((res / "summary.json").read_text()) if (res / "summary.json").exists() else {}
+        timings[backend] = (time.monotonic() - t0, summary.get("first_task_after", full.get("first_task_after")))
+        assert code == 0, stderr
+        assert summary["state"] == "done" and summary["tasks_done"] == 20, summary
+        assert summary["workers_used"] == 3
+        for i in range(20):
+            assert (res / f"{i:02d}" / "outputs" / f"out-{i}.txt").read_text() == expected(i)
+            assert (res / f"{i:02d}" / "stdout").read_text() == f"task {i} ok\n"
+        wait_for(lambda: all_idle(nodes), 30, 0.3, "every worker back to idle")
+    assert results_tree(tmp_path / "res-boinc") == results_tree(tmp_path / "res-native")
+    # the clients detached and stopped: no boinc process of this CE is left, no data dir either
+    assert not list(Path(tempfile.gettempdir()).glob("bg-boinc-*"))
+    print(f"\nFIGURES boinc: {timings['boinc'][0]:.1f}s total, first task after {timings['boinc'][1]}s; "
+          f"native: {timings['native'][0]:.1f}s total, first task after {timings['native'][1]}s")
+
+
+def test_quorum_rejects_a_tampering_worker(grid, tmp_path):
+    g = grid(4)
+    h = g.testbed.hosts
+    nodes = [g.start(h[0]), g.start(h[1]), g.start(h[2])]
+    # the fourth host is a malicious volunteer: its `python3` appends to every output the task writes.
+    evil = Path(tempfile.mkdtemp(prefix="bgt-evil-"))
+    evil.chmod(0o755)
+    fake = evil / "python3"
+    fake.write_text("#!/bin/sh\n/usr/bin/python3 \"$@\"; rc=$?\nfor f in out-*.txt; do echo forged >> \"$f\"; done\n"
+                    "exit $rc\n")
+    fake.chmod(0o755)
+    try:
+        state = tmp_path / f"{h[3].name}-evil-state"
+        argv = bonjourgrid_argv("node", "--key-file", str(g.key_file), "--grid", "default", "--state-dir",
+                                str(state), "--name", h[3].name, "--sample-interval", "0.5", "--log-level", "debug",
+                                "--owner-cpu", "100")
+        env = {**os.environ, "PATH": f"{evil}:{os.environ['PATH']}"}
+        bad = h[3].spawn(argv, "node-evil", env=env)
+        wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+        res = tmp_path / "res"
+        job = job_file(tmp_path / "job", "boinc", 12, "[backend_options]\n    replication = 2\n    quorum = 2")
+        code, summary, stderr = submit(nodes[0], str(job), "--results", str(res))
+        assert code == 0, stderr
+        assert summary["state"] == "done" and summary["tasks_done"] == 12
+        for i in range(12):
+            assert (res / f"{i:02d}" / "outputs" / f"out-{i}.txt").read_text() == expected(i)
+        log = nodes[0].proc.output()
+        assert "rejected (disagrees with the quorum)" in log
+        assert "forged" not in "".join(p.read_text() for p in res.rglob("out-*.txt"))
+    finally:
+        shutil.rmtree(evil, ignore_errors=True)
+        with_bad = locals().get("bad")
+        if with_bad is not None:
+            with_bad.stop()
+
+
+def test_a_killed_client_has_its_task_reissued(grid, tmp_path):
+    g = grid(3)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    job = write_job(tmp_path / "job", """
+        name = "sleepy"
+        backend = "boinc"
+        [sweep]
+        argv = ["sh", "-c", "sleep 3; echo done {i}"]
+        count = 6
+    """)
+    res = tmp_path / "res"
+    proc = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
+    victim = nodes[1].host.name  # a worker (nodes[0] coordinates)
+    victim_id = next(n["id"] for n in nodes[0].view()[0] if n["host"] == victim)
+
+    def victim_running_a_task() -> int | None:
+        pattern = f"boinc --dir /tmp/bg-boinc-{victim_id[:8]}"
+        r = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
+        pids = [int(p) for p in r.stdout.split()]
+        for pid in pids:
+            kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+            for kid in kids:
+                with contextlib.suppress(OSError):
+                    if b"bgtask" in Path(f"/proc/{kid}/cmdline").read_bytes():  # the wrapper app runs a task
+                        return pid
+        return None
+
+    pid = wait_for(victim_running_a_task, 90, 0.2, f"a task running on {victim}'s client")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not proc.alive(), 180, 0.5, "the job to end")
+    assert proc.popen.returncode == 0, proc.output()[-3000:]
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == 6
+    assert any(t["attempts"] > 1 for t in summary["tasks"])  # the killed client's task ran again
+    for i in range(6):
+        assert (res / str(i) / "stdout").read_text() == f"done {i}\n"
+    assert "lost" in nodes[0].proc.output()
