@@ -95,6 +95,7 @@ class CoordinatorCE:
         self.on_finish: Callable[[CoordinatorCE], Awaitable[None]] | None = None
         self.replication = ReplicationSender(self)
         self.stepped_down = False
+        self._first_result_logged = False
         self._finisher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -542,6 +543,9 @@ class CoordinatorCE:
         requeued = False
         for index, recorded, failure in outcomes:
             if recorded:
+                if self.resume and not self._first_result_logged:
+                    self._first_result_logged = True
+                    log.warning("CE %s: first result accepted after the takeover (epoch %d)", self.ce, self.epoch)
                 self.counts["done"] += 1
                 self.dispatch.finish(index)
             elif failure is FailureOutcome.REQUEUED:
