@@ -34,7 +34,7 @@ def write_job(d: Path, body: str, files: dict[str, str] | None = None) -> Path:
     return job
 
 
-def submit(node: GridNode, *args: str, timeout: float = 240) -> tuple[int, dict, str]:
+def submit(node: GridNode, *args: str, timeout: float = 480) -> tuple[int, dict, str]:
     """Run `bonjourgrid submit --json ...` on a node's host; (exit code, summary, stderr)."""
     r = node.cli("submit", "--json", *args, timeout=timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
