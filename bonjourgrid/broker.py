@@ -201,14 +201,18 @@ def _read_ready(proc: subprocess.Popen[bytes], deadline: float) -> int:
     return int(line[1])
 
 
-def _wait_accepting(host: str, port: int, deadline: float) -> None:
+def _wait_accepting(host: str, port: int, deadline: float, proc: subprocess.Popen[bytes] | None = None,
+                    name: str = "broker") -> None:
+    """Until host:port accepts a connection; a `proc` that exits meanwhile fails at once."""
     while True:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerError(f"{name} exited during start-up (exit code {proc.returncode})")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError as e:
             if time.monotonic() > deadline:
-                raise BrokerError(f"broker on {host}:{port} does not accept connections: {e}") from None
+                raise BrokerError(f"{name} does not accept connections on {host}:{port}: {e}") from None
             time.sleep(0.05)
 
 
@@ -283,17 +287,7 @@ def start_mosquitto(
     )
     handle._owns_log = owns_log
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited during start-up (exit code {proc.returncode})")
-            try:
-                with socket.create_connection((host, port), timeout=0.5):
-                    break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"mosquitto does not accept connections on {host}:{port}: {e}") from None
-                time.sleep(0.05)
+        _wait_accepting(host, port, time.monotonic() + timeout, proc, "mosquitto")
     except BrokerError as e:
         tail = _tail(log_file)
         handle.stop(timeout=1.0)
