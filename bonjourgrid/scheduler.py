@@ -146,6 +146,15 @@ class Dispatch:
         if node in self.workers:
             self.workers[node].running.add(index)
 
+    def hold(self, node: str, index: int) -> None:
+        """A middleware replica of `index` beyond the one claimed keeps `node` busy (not released as idle)."""
+        if node in self.workers:
+            self.workers[node].running.add(index)
+
+    def unhold(self, node: str, index: int) -> None:
+        if node in self.workers and self.running.get(index) != node:
+            self.workers[node].running.discard(index)
+
     def finish(self, index: int) -> None:
         node = self.running.pop(index, None)
         if node and node in self.workers:

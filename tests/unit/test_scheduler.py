@@ -88,3 +88,14 @@ def test_middleware_placed_tasks_are_claimed():
     d.requeue(2)
     d.claim(2, "w9")  # a node the CE does not know as a worker yet
     assert d.running == {2: "w9"} and 2 not in d.retry
+
+
+def test_held_replicas_keep_a_worker_busy():
+    d = Dispatch([0])
+    d.add_worker("w1", 1)
+    d.add_worker("w2", 1)
+    d.claim(0, "w1")
+    d.hold("w2", 0)  # a second (quorum) replica runs on w2
+    assert d.idle_workers() == []
+    d.unhold("w2", 0)
+    assert d.idle_workers() == ["w2"]

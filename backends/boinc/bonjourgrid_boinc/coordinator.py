@@ -211,14 +211,10 @@ class BoincCoordinator(CoordinatorHalf):
 
     def _hold(self, node: str, index: int) -> None:
         """A replica beyond the core's claim still keeps its worker busy (not released as idle)."""
-        w = self.ce.dispatch.workers.get(node)
-        if w is not None:
-            w.running.add(index)
+        self.ce.dispatch.hold(node, index)
 
     def _unhold(self, node: str, index: int) -> None:
-        w = self.ce.dispatch.workers.get(node)
-        if w is not None and self.ce.dispatch.running.get(index) != node:
-            w.running.discard(index)
+        self.ce.dispatch.unhold(node, index)
 
     async def _reported(self, node: str | None, r: Reported) -> None:
         index = self.by_name.get(r.name)
