@@ -25,7 +25,7 @@ JOB = "job"
 
 def result(index: int, node: str, attempt: int) -> ResultRecord:
     return ResultRecord(exit_code=0, started_at=0.0, finished_at=1.0, node_id=node, attempt=attempt,
-                        stdout=f"value {index * index}".encode())
+                        stdout=f"value {index * index} from {node}, attempt {attempt}".encode())
 
 
 def ship(rng: random.Random, primary: Journal, replica: ReplicaStore, acked_seq: int, drop: float) -> int:
