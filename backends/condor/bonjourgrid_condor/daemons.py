@@ -1,0 +1,80 @@
+"""Starting and stopping one `condor_master` per CE and host, wherever the daemons come from.
+
+`BONJOURGRID_CONDOR_PREFIX` (a command prefix, shell-split) says how to reach the daemons:
+empty means `condor_master` on PATH; the tests use `scripts/condor-chroot.sh ROOT` to run
+Debian trixie's daemons in a chroot. The directory given as `bind` is exported to the prefix
+as BONJOURGRID_CONDOR_BIND, so a chroot wrapper can make it visible at the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+from pathlib import Path
+
+log = logging.getLogger("bonjourgrid.condor")
+
+PREFIX_ENV = "BONJOURGRID_CONDOR_PREFIX"
+PORT_ENV = "BONJOURGRID_CONDOR_PORT"
+DEFAULT_PORT = 9618
+STOP_GRACE_S = 10.0
+
+
+def prefix() -> list[str]:
+    return shlex.split(os.environ.get(PREFIX_ENV, ""))
+
+
+def port() -> int:
+    return int(os.environ.get(PORT_ENV) or DEFAULT_PORT)
+
+
+def write_password(password_dir: Path, secret: bytes) -> None:
+    """The pool password: hex (Condor reads it as a C string), readable by its owner only."""
+    password_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = password_dir / "POOL"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+
+
+class Master:
+    """A `condor_master -f` in its own session; stop() shuts the whole pool half down."""
+
+    def __init__(self, config: Path, bind: Path, log_file: Path) -> None:
+        self.config = config
+        self.bind = bind
+        self.log_file = log_file
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = dict(os.environ, CONDOR_CONFIG=str(self.config), BONJOURGRID_CONDOR_BIND=str(self.bind))
+        argv = [*prefix(), "condor_master", "-f"]
+        with open(self.log_file, "ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        log.info("condor_master started (pid %d): %s", self.proc.pid, shlex.join(argv))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self) -> None:
+        """SIGTERM (Condor's graceful shutdown of every daemon), then SIGKILL the session if it hangs."""
+        p = self.proc
+        if p is None:
+            return
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(p.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                log.warning("condor_master %d ignored SIGTERM: killing its session", p.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # daemons and jobs it left behind, if any
+        if p.returncode is None:
+            await p.wait()
