@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs an HTCondor command inside a Debian root filesystem holding the daemons (scripts/condor-root.sh),
-# as that root's unprivileged `condor` user (Condor refuses jobs submitted by root).
+# as that root's unprivileged `bonjourgrid` user (made by condor-root.sh; Condor refuses jobs owned by
+# root or by `condor`).
 # Usage: BONJOURGRID_CONDOR_BIND=dir[:dir...] condor-chroot.sh ROOT CMD [ARG...]
 # A private mount namespace holds the bind mounts: they vanish with the daemons, and the
 # cached root gets a fresh /tmp each time. Use as BONJOURGRID_CONDOR_PREFIX="condor-chroot.sh ROOT".
@@ -12,7 +13,7 @@ exec unshare --mount --propagation private -- sh -eu -c '
   mount -t proc proc "$root/proc"
   mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
   mount --bind /dev "$root/dev"
-  uid=$(chroot "$root" id -u condor); gid=$(chroot "$root" id -g condor)
+  uid=$(chroot "$root" id -u bonjourgrid); gid=$(chroot "$root" id -g bonjourgrid)
   old_ifs=$IFS; IFS=:
   for d in ${BONJOURGRID_CONDOR_BIND:-}; do
     [ -n "$d" ] || continue

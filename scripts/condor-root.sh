@@ -4,7 +4,12 @@
 # Usage: scripts/condor-root.sh [ROOT]; prints ROOT on success. Needs root.
 set -euo pipefail
 ROOT=${1:-${BONJOURGRID_CONDOR_ROOT:-/var/cache/bonjourgrid/condor-trixie}}
+# The daemons run as this unprivileged user of the root (Condor refuses jobs owned by root or by
+# its own `condor` account, so a pool run by `condor` could not take jobs from itself).
+add_user() { grep -q '^bonjourgrid:' "$1/etc/passwd" || chroot "$1" useradd --system --user-group \
+  --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin bonjourgrid; }
 if [ -f "$ROOT/.bonjourgrid-complete" ]; then
+  [ "$(id -u)" != 0 ] || add_user "$ROOT"
   echo "$ROOT"
   exit 0
 fi
@@ -47,6 +52,7 @@ chroot "$tmp" apt-get -f install -y -qq python3-cffi-backend >&2
 chroot "$tmp" dpkg --configure -a >&2
 chroot "$tmp" apt-get clean
 umount "$tmp/proc"
+add_user "$tmp"
 chroot "$tmp" /usr/sbin/condor_master -version >&2
 touch "$tmp/.bonjourgrid-complete"
 rm -rf "$ROOT"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 POOL_IDENTITY = "condor_pool@*"
 UID_DOMAIN = "bonjourgrid"
+# Who submits: the daemons' own (unprivileged) user, authenticated with a token signed by the pool key.
+SUBMITTER = f"bonjourgrid@{UID_DOMAIN}"
 # Fast cycles: a CE is small and short-lived, the defaults (minutes) are tuned for big pools.
 FAST = """\
 UPDATE_INTERVAL = 2
@@ -56,15 +58,17 @@ WANT_VACATE = True
 
 def security(password_dir: Path) -> str:
     """Authenticated, encrypted, integrity-checked everything; only the pool identity is allowed anything."""
-    allow = "\n".join(f"ALLOW_{p} = {POOL_IDENTITY}" for p in (
+    allow = "\n".join(f"ALLOW_{p} = {POOL_IDENTITY} {SUBMITTER}" for p in (
         "READ", "WRITE", "DAEMON", "NEGOTIATOR", "ADMINISTRATOR", "ADVERTISE_STARTD", "ADVERTISE_SCHEDD",
         "ADVERTISE_MASTER", "CONFIG", "OWNER"))
     return f"""\
 SEC_DEFAULT_AUTHENTICATION = REQUIRED
+SEC_USE_FAMILY_SESSION = False
 SEC_DEFAULT_ENCRYPTION = REQUIRED
 SEC_DEFAULT_INTEGRITY = REQUIRED
-SEC_DEFAULT_AUTHENTICATION_METHODS = PASSWORD
-SEC_CLIENT_AUTHENTICATION_METHODS = PASSWORD
+SEC_DEFAULT_AUTHENTICATION_METHODS = PASSWORD, IDTOKENS
+SEC_CLIENT_AUTHENTICATION_METHODS = PASSWORD, IDTOKENS
+TRUST_DOMAIN = {UID_DOMAIN}
 SEC_PASSWORD_DIRECTORY = {password_dir}
 SEC_PASSWORD_FILE = {password_dir}/POOL
 SEC_TOKEN_POOL_SIGNING_KEY_FILE = {password_dir}/POOL
@@ -77,6 +81,13 @@ DENY_WRITE =
 def common(local_dir: Path, collector: str, address: str, port: int) -> str:
     return f"""\
 # Written by bonjourgrid-condor: one computing element's pool. Do not edit; removed at job end.
+# The installation's own file for where binaries live (LIBEXEC differs between distributions), and
+# none of its local settings: everything else is ours.
+include ifexist : /etc/condor/condor_config
+LOCAL_CONFIG_FILE =
+LOCAL_CONFIG_DIR =
+NO_DNS = True
+DEFAULT_DOMAIN_NAME = bonjourgrid
 LOCAL_DIR = {local_dir}
 LOG = $(LOCAL_DIR)/log
 SPOOL = $(LOCAL_DIR)/spool
@@ -124,12 +135,16 @@ STARTD_NOCLAIM_SHUTDOWN = 0
 """)
 
 
-def client_config(collector: str, password_dir: Path) -> str:
-    """What the bindings in the node daemon read to talk to the pool (as a client of the same key)."""
+def client_config(collector: str, password_dir: Path, token_dir: Path) -> str:
+    """What the bindings in the node daemon read: they authenticate with the submitter's token first."""
     return f"""\
+SEC_TOKEN_DIRECTORY = {token_dir}
 COLLECTOR_HOST = {collector}
+NO_DNS = True
+DEFAULT_DOMAIN_NAME = bonjourgrid
 UID_DOMAIN = {UID_DOMAIN}
-{security(password_dir)}"""
+{security(password_dir)}SEC_CLIENT_AUTHENTICATION_METHODS = IDTOKENS
+"""
 
 
 def owner_ad(busy: bool) -> str:

@@ -23,13 +23,14 @@ from bonjourgrid.coordinator import CoordinatorCE
 from bonjourgrid.sandbox import collect_outputs, safe_join
 
 from . import config as cfg
-from .daemons import Master, port, write_password
+from .daemons import Master, port, token, write_password
 from .pool import Pool
 from .worker import pool_secret
 
 log = logging.getLogger("bonjourgrid.condor")
 
 POLL_S = 0.25
+JOB_LEASE_S = 15  # also the claim lease, renewed every third of it
 READY_TIMEOUT_S = 90.0
 CAPTURE_MAX = 1 << 20  # stdout/stderr kept per task, as with the native backend
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -60,6 +61,12 @@ class CondorCoordinator(CoordinatorHalf):
 
     async def start(self) -> dict[str, Any]:
         await asyncio.to_thread(self._write_files)
+        tok = await token(self.local / "condor_config", self.local, cfg.SUBMITTER)
+        tokens = self.root / "client" / "tokens.d"
+        tokens.mkdir(mode=0o700)
+        fd = os.open(tokens / "submitter", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(tok + "\n")
         self.master = Master(self.local / "condor_config", self.local, self.root / "master.out")
         await self.master.start()
         self.pool = Pool(self.root / "client" / "condor_config", self.collector, self.sub / "events.log")
@@ -75,7 +82,7 @@ class CondorCoordinator(CoordinatorHalf):
         (self.local / "condor_config").write_text(
             cfg.coordinator_config(self.local, self.ce.address, self.port, self.local / "passwords.d"))
         (self.root / "client" / "condor_config").write_text(
-            cfg.client_config(self.collector, self.root / "client" / "passwords.d"))
+            cfg.client_config(self.collector, self.root / "client" / "passwords.d", self.root / "client" / "tokens.d"))
         for f in self.ce.inputs:  # Condor's file transfer sends this tree (its contents) to every job
             dest = safe_join(self.sub / "in", f["dest"])
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +194,8 @@ class CondorCoordinator(CoordinatorHalf):
             "request_cpus": str(job.cpus),
             "request_memory": str(max(job.memory_bytes >> 20, 1)),
             "request_disk": "1024",
-            "job_lease_duration": "0",  # a vanished execute node: rerun elsewhere now, no reconnect wait
+            # A vanished execute node: the shadow gives up reconnecting after this and Condor reruns the job.
+            "job_lease_duration": str(JOB_LEASE_S),
             "+BgCE": f'"{self.ce.ce}"',
             "+BgIndex": "$(bg_index)",
         }

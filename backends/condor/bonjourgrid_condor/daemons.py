@@ -41,6 +41,18 @@ def write_password(password_dir: Path, secret: bytes) -> None:
         f.write(secret.hex())
 
 
+async def token(config: Path, bind: Path, identity: str) -> str:
+    """An IDTOKEN for `identity`, signed with the pool key by Condor's own tool (run like the daemons)."""
+    env = dict(os.environ, CONDOR_CONFIG=str(config), BONJOURGRID_CONDOR_BIND=str(bind))
+    proc = await asyncio.create_subprocess_exec(
+        *prefix(), "condor_token_create", "-identity", identity, "-key", "POOL", env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"condor_token_create failed: {err.decode(errors='replace').strip()}")
+    return out.decode().strip()
+
+
 class Master:
     """A `condor_master -f` in its own session; stop() shuts the whole pool half down."""
 
@@ -63,17 +75,17 @@ class Master:
         return self.proc is not None and self.proc.returncode is None
 
     async def stop(self) -> None:
-        """SIGTERM (Condor's graceful shutdown of every daemon), then SIGKILL the session if it hangs."""
+        """SIGQUIT (Condor's fast shutdown: jobs killed, daemons exit), then SIGKILL the session if it hangs."""
         p = self.proc
         if p is None:
             return
         if p.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGQUIT)
             try:
                 await asyncio.wait_for(p.wait(), STOP_GRACE_S)
             except TimeoutError:
-                log.warning("condor_master %d ignored SIGTERM: killing its session", p.pid)
+                log.warning("condor_master %d ignored SIGQUIT: killing its session", p.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)  # daemons and jobs it left behind, if any
         if p.returncode is None:
