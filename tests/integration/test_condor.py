@@ -1,0 +1,196 @@
+"""The HTCondor backend against real HTCondor daemons (Debian trixie's, in a cached chroot) on namespaced hosts."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_ce import WORK_PY, submit, write_job
+
+from bonjourgrid import backend
+from bonjourgrid.testbed import _kill_netns_pids, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROOT = ROOT / "scripts" / "condor-chroot.sh"
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="session")
+def condor_root() -> Path:
+    """The cached trixie root with condor (built by scripts/condor-root.sh on first use, about a minute)."""
+    if os.geteuid() != 0:
+        pytest.skip("HTCondor's daemons run in a Debian trixie chroot: building and entering it needs root")
+    if "condor" not in backend.available():
+        pytest.skip("the condor backend is not installed (pip install -e backends/condor, done by scripts/setup.sh)")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "condor-root.sh")], capture_output=True, text=True,
+                       timeout=1800, check=False)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/condor-root.sh failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def condor(condor_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Node daemons started after this run Condor from the chroot."""
+    monkeypatch.setenv("BONJOURGRID_CONDOR_PREFIX", f"{CHROOT} {condor_root}")
+    return condor_root
+
+
+def job_file(d: Path, backend_name: str, count: int, data: str) -> Path:
+    return write_job(d, f"""
+        name = "hash{count}-{backend_name}"
+        backend = "{backend_name}"
+        inputs = ["work.py", {{ src = "data.txt", dest = "in/data.txt" }}]
+        outputs = ["out-*.txt"]
+        [sweep]
+        argv = ["python3", "work.py", "{{i}}"]
+        count = {count}
+    """, {"work.py": WORK_PY.replace('open("data.txt"', 'open("in/data.txt"'), "data.txt": data})
+
+
+def test_thirty_tasks_through_condor_match_the_native_backend(grid, condor, tmp_path):
+    g = grid(3)
+    nodes = g.start_all("--cpus", "2")
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    data = "shared input for condor\n" * 500
+    runs = {}
+    for name in ("condor", "native"):
+        res = tmp_path / f"res-{name}"
+        code, summary, stderr = submit(nodes[0], str(job_file(tmp_path / name, name, 30, data)), "--results", str(res))
+        assert code == 0, stderr
+        assert summary["state"] == "done" and summary["tasks_done"] == 30, summary
+        assert summary["workers_used"] == 2
+        runs[name] = (res, summary)
+        wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.3, "every node idle again")
+    for i in range(30):
+        expected = f"{i} {hashlib.sha256(data.encode() + str(i).encode()).hexdigest()}\n"
+        tc, tn = runs["condor"][0] / f"{i:02d}", runs["native"][0] / f"{i:02d}"
+        assert (tc / "outputs" / f"out-{i}.txt").read_text() == expected
+        assert (tc / "stdout").read_bytes() == (tn / "stdout").read_bytes() == f"task {i} ok\n".encode()
+        assert sorted(p.name for p in (tc / "outputs").iterdir()) == sorted(p.name for p in (tn / "outputs").iterdir())
+        for f in (tn / "outputs").iterdir():
+            assert (tc / "outputs" / f.name).read_bytes() == f.read_bytes()
+        rc = json.loads((tc / "result.json").read_text())
+        assert rc["exit_code"] == 0 and rc["state"] == "done"
+    ran_on = {t["node"] for t in json.loads((runs["condor"][0] / "summary.json").read_text())["tasks"]}
+    assert len(ran_on) == 2 and nodes[0].view()[0]  # both workers, not the coordinator
+    c, n = (json.loads((runs[k][0] / "summary.json").read_text()) for k in ("condor", "native"))
+    print(f"\nFIGURES condor: first task after {c['first_task_after']}s, total {c['seconds']}s; "
+          f"native: first task after {n['first_task_after']}s, total {n['seconds']}s; "
+          f"overhead per task (4 slots): {(c['seconds'] - n['seconds']) / 30 * 4:.3f}s")
+    # The pool is gone with the job: no daemon and no directory left behind.
+    for node in nodes:
+        assert not list(node.state_dir.rglob("condor_config"))
+        assert "condor_" not in _cmdlines(node.host.netns)
+
+
+def _cmdlines(netns: str) -> str:
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout.split()
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return "\n".join(out)
+
+
+def test_a_killed_worker_host_has_its_jobs_rerun_elsewhere(grid, condor, tmp_path):
+    g = grid(3)
+    nodes = g.start_all("--cpus", "2")
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    job = write_job(tmp_path / "job", """
+        name = "sleepy"
+        backend = "condor"
+        [sweep]
+        argv = ["sh", "-c", "sleep 2; echo done {i}"]
+        count = 20
+    """)
+    res = tmp_path / "res"
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", str(job), "--results", str(res)), "submit")
+    victim = nodes[2].host
+    wait_for(lambda: "condor_starter" in _cmdlines(victim.netns), 90, 0.3, "a Condor job running on the victim")
+    time.sleep(1)
+    _kill_netns_pids(victim.netns)  # node daemon, condor_master, startd, starters, jobs: SIGKILL all
+    wait_for(lambda: not sub.alive(), 240, 0.5, "the job to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == 20
+    for i in range(20):
+        assert (res / f"{i:02d}" / "stdout").read_text() == f"done {i}\n"
+    survivor = next(n["id"] for n in nodes[0].view()[0] if n["host"] == nodes[1].host.name)
+    tasks = summary["tasks"]
+    assert any(t["attempts"] > 1 and t["node"] == survivor for t in tasks), tasks  # reruns landed on the survivor
+
+
+QUERY = textwrap.dedent("""
+    import json, os, sys
+    os.environ["CONDOR_CONFIG"] = sys.argv[1]
+    import htcondor2
+    try:
+        ads = htcondor2.Collector(sys.argv[2]).query(htcondor2.AdType.Startd, projection=["BgNode"])
+        print(json.dumps(sorted(str(a.get("BgNode")) for a in ads)))
+    except Exception as e:
+        print(json.dumps({"error": str(e)}))
+""")
+
+
+def test_a_host_without_the_grid_key_cannot_join_the_pool(grid, condor, tmp_path):
+    from bonjourgrid_condor import config as cfg
+    from bonjourgrid_condor.daemons import write_password
+
+    g = grid(3)
+    h = g.testbed.hosts
+    nodes = [g.start(h[0]), g.start(h[1], "--cpus", "2")]  # host2 runs no node: it plays the intruder
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    job = write_job(tmp_path / "job", """
+        name = "guarded"
+        backend = "condor"
+        [sweep]
+        argv = ["sh", "-c", "sleep 1; echo {i}"]
+        count = 16
+    """)
+    res = tmp_path / "res"
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", str(job), "--results", str(res)), "submit")
+    wait_for(lambda: list(nodes[0].state_dir.rglob("client/tokens.d")), 60, 0.2, "the CE's pool")
+    client = next(nodes[0].state_dir.rglob("client/condor_config"))
+    collector = f"{h[0].ip}:9618"
+
+    bad = tmp_path / "intruder"
+    for sub_dir in ("log", "spool", "execute", "lock", "run"):
+        (bad / sub_dir).mkdir(parents=True, exist_ok=True)
+    write_password(bad / "passwords.d", hashlib.sha256(b"some other grid").digest())
+    (bad / "owner.ad").write_text(cfg.owner_ad(False))
+    (bad / "condor_config").write_text(cfg.worker_config(bad, collector, h[2].ip, 9618, bad / "passwords.d",
+                                                         cpus=2, memory_mib=1024, node_id="intruder"))
+    (bad / "client").write_text(cfg.client_config(collector, bad / "passwords.d", bad / "no-tokens"))
+    intruder = h[2].spawn([str(CHROOT), str(condor), "condor_master", "-f"], "intruder",
+                            env={"CONDOR_CONFIG": str(bad / "condor_config"),
+                                 "BONJOURGRID_CONDOR_BIND": str(bad)})
+    try:
+        time.sleep(12)  # several update intervals of the intruder's startd
+        q = tmp_path / "query.py"
+        q.write_text(QUERY)
+        seen = json.loads(h[0].run([sys.executable, str(q), str(client), collector], timeout=60).stdout)
+        assert "intruder" not in seen, seen
+        assert len(seen) >= 1, seen  # the legitimate worker's startd is there
+        refused = json.loads(h[2].run([sys.executable, str(q), str(bad / "client"), collector], timeout=60).stdout)
+        assert "error" in refused, refused  # without the key one cannot even read the pool
+        start_log = (bad / "log" / "StartLog").read_text(errors="replace")
+        assert "Failed to send update" in start_log or "failed" in start_log.lower()
+    finally:
+        intruder.signal(signal.SIGQUIT)
+        wait_for(lambda: not intruder.alive(), 30, 0.3, "the intruder to stop")
+    wait_for(lambda: not sub.alive(), 180, 0.5, "the job to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = json.loads((res / "summary.json").read_text())
+    worker = next(n["id"] for n in nodes[0].view()[0] if n["host"] == h[1].name)
+    assert {t["node"] for t in summary["tasks"]} == {worker}
