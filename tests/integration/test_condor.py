@@ -88,10 +88,11 @@ def test_thirty_tasks_through_condor_match_the_native_backend(grid, condor, tmp_
     print(f"\nFIGURES condor: first task after {c['first_task_after']}s, total {c['seconds']}s; "
           f"native: first task after {n['first_task_after']}s, total {n['seconds']}s; "
           f"overhead per task (4 slots): {(c['seconds'] - n['seconds']) / 30 * 4:.3f}s")
-    # The pool is gone with the job: no daemon and no directory left behind.
+    # The pool is gone with the job: no daemon and no directory left behind (workers stop theirs
+    # in the background after going back to Idle: allow them a few seconds).
     for node in nodes:
+        wait_for(lambda node=node: "condor_" not in _cmdlines(node.host.netns), 30, 0.3, "condor daemons to stop")
         assert not list(node.state_dir.rglob("condor_config"))
-        assert "condor_" not in _cmdlines(node.host.netns)
 
 
 def _cmdlines(netns: str) -> str:
@@ -117,7 +118,7 @@ def test_a_killed_worker_host_has_its_jobs_rerun_elsewhere(grid, condor, tmp_pat
     res = tmp_path / "res"
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", str(job), "--results", str(res)), "submit")
     victim = nodes[2].host
-    wait_for(lambda: "condor_starter" in _cmdlines(victim.netns), 90, 0.3, "a Condor job running on the victim")
+    wait_for(lambda: "sleep 2" in _cmdlines(victim.netns), 90, 0.2, "a Condor job running on the victim")
     time.sleep(1)
     _kill_netns_pids(victim.netns)  # node daemon, condor_master, startd, starters, jobs: SIGKILL all
     wait_for(lambda: not sub.alive(), 240, 0.5, "the job to end")

@@ -16,12 +16,14 @@ import shlex
 import signal
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger("bonjourgrid.condor")
 
 PREFIX_ENV = "BONJOURGRID_CONDOR_PREFIX"
 PORT_ENV = "BONJOURGRID_CONDOR_PORT"
 DEFAULT_PORT = 9618
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 5.0
 
 
 def prefix() -> list[str]:
@@ -75,10 +77,17 @@ class Master:
         return self.proc is not None and self.proc.returncode is None
 
     async def stop(self) -> None:
-        """SIGQUIT (Condor's fast shutdown: jobs killed, daemons exit), then SIGKILL the session if it hangs."""
+        """SIGQUIT (Condor's fast shutdown: jobs killed, daemons exit), then SIGKILL whatever it left running.
+
+        A daemon can hang in its last words to a collector that is already gone (the coordinator's pool
+        stops at the same time): its descendants, noted first, are killed after a short grace.
+        """
         p = self.proc
         if p is None:
             return
+        family: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            family = psutil.Process(p.pid).children(recursive=True)
         if p.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGQUIT)
@@ -87,6 +96,9 @@ class Master:
             except TimeoutError:
                 log.warning("condor_master %d ignored SIGQUIT: killing its session", p.pid)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)  # daemons and jobs it left behind, if any
+            os.killpg(p.pid, signal.SIGKILL)
+        for child in family:  # daemons and jobs left behind, if any (psutil checks the pid was not reused)
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         if p.returncode is None:
             await p.wait()
