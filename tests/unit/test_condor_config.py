@@ -1,4 +1,4 @@
-"""The HTCondor backend's pure parts: submit-language quoting and the owner policy, checked with Condor's own parsers."""
+"""The HTCondor backend's pure parts (quoting, owner policy, security), checked with Condor's own parsers."""
 
 from __future__ import annotations
 
