@@ -195,3 +195,32 @@ def test_a_host_without_the_grid_key_cannot_join_the_pool(grid, condor, tmp_path
     summary = json.loads((res / "summary.json").read_text())
     worker = next(n["id"] for n in nodes[0].view()[0] if n["host"] == h[1].name)
     assert {t["node"] for t in summary["tasks"]} == {worker}
+
+
+def test_failures_are_retried_and_a_timeout_is_reported(grid, condor, tmp_path):
+    g = grid(2)
+    nodes = g.start_all("--cpus", "2")
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    job = write_job(tmp_path / "job", """
+        name = "flaky-condor"
+        backend = "condor"
+        retries = 1
+        timeout = "4s"
+        [[task]]
+        argv = ["sh", "-c", "echo fine"]
+        [[task]]
+        argv = ["sh", "-c", "echo boom >&2; exit 3"]
+        [[task]]
+        argv = ["sleep", "60"]
+    """)
+    res = tmp_path / "res"
+    code, summary, stderr = submit(nodes[0], str(job), "--results", str(res))
+    assert code == 1, stderr
+    assert summary["state"] == "failed" and summary["tasks_done"] == 1 and summary["tasks_failed"] == 2
+    assert (res / "0" / "stdout").read_text() == "fine\n"
+    failed = json.loads((res / "1" / "result.json").read_text())
+    assert failed["state"] == "failed" and failed["exit_code"] == 3 and failed["attempts"] == 2
+    assert (res / "1" / "stderr").read_text() == "boom\n"
+    slow = json.loads((res / "2" / "result.json").read_text())
+    assert slow["state"] == "failed" and slow["attempts"] == 2 and slow["timed_out"] is True, slow
+    assert "allowed execute duration" in slow["error"]
