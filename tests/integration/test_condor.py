@@ -46,10 +46,9 @@ def condor(condor_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return condor_root
 
 
-def job_file(d: Path, backend_name: str, count: int, data: str) -> Path:
+def job_file(d: Path, count: int, data: str) -> Path:
     return write_job(d, f"""
-        name = "hash{count}-{backend_name}"
-        backend = "{backend_name}"
+        name = "hash{count}"
         inputs = ["work.py", {{ src = "data.txt", dest = "in/data.txt" }}]
         outputs = ["out-*.txt"]
         [sweep]
@@ -64,9 +63,10 @@ def test_thirty_tasks_through_condor_match_the_native_backend(grid, condor, tmp_
     wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
     data = "shared input for condor\n" * 500
     runs = {}
+    job = job_file(tmp_path / "job", 30, data)  # one job file, run on each backend
     for name in ("condor", "native"):
         res = tmp_path / f"res-{name}"
-        code, summary, stderr = submit(nodes[0], str(job_file(tmp_path / name, name, 30, data)), "--results", str(res))
+        code, summary, stderr = submit(nodes[0], str(job), "--backend", name, "--results", str(res))
         assert code == 0, stderr
         assert summary["state"] == "done" and summary["tasks_done"] == 30, summary
         assert summary["workers_used"] == 2
@@ -224,3 +224,30 @@ def test_failures_are_retried_and_a_timeout_is_reported(grid, condor, tmp_path):
     slow = json.loads((res / "2" / "result.json").read_text())
     assert slow["state"] == "failed" and slow["attempts"] == 2 and slow["timed_out"] is True, slow
     assert "allowed execute duration" in slow["error"]
+
+
+def test_cancel_removes_the_jobs_and_tears_the_pool_down(grid, condor, tmp_path):
+    g = grid(2)
+    nodes = g.start_all("--cpus", "2")
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    job = write_job(tmp_path / "job", """
+        name = "long-condor"
+        backend = "condor"
+        [sweep]
+        argv = ["sleep", "300"]
+        count = 4
+    """)
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", str(job)), "submit")
+    wait_for(lambda: "sleep 300" in _cmdlines(nodes[1].host.netns), 90, 0.2, "tasks running on the worker")
+    ce_dir = next(nodes[0].state_dir.rglob("client/tokens.d")).parents[2]
+    r = nodes[0].cli("cancel", ce_dir.name)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not sub.alive(), 60, 0.3, "submit to return")
+    for node in nodes:  # daemons and jobs gone, directories removed
+        wait_for(lambda node=node: not any(s in _cmdlines(node.host.netns) for s in ("condor_", "sleep 300")),
+                 30, 0.3, "Condor daemons and jobs to stop")
+    assert not (ce_dir / "condor").exists()
+    wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.3, "both nodes idle again")
+    # A new pool on the same hosts and port (fresh key, fresh sessions) works right after.
+    code, summary, stderr = submit(nodes[0], "--backend", "condor", "--tasks", "4", "--", "echo", "again {i}")
+    assert code == 0 and summary["tasks_done"] == 4, stderr

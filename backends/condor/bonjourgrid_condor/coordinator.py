@@ -55,6 +55,7 @@ class CondorCoordinator(CoordinatorHalf):
         self.uid = -1
         self._resubmit = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self._failing: asyncio.Task[None] | None = None
         self.ready_at: float | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -130,7 +131,8 @@ class CondorCoordinator(CoordinatorHalf):
         except Exception as e:
             log.exception("CE %s: the HTCondor pool failed", self.ce.ce)
             self.ce.message = f"HTCondor pool failed: {e}"
-            await self.ce._finish("failed")
+            # In its own task: finishing calls stop(), which cancels and awaits this loop.
+            self._failing = asyncio.ensure_future(self.ce._finish("failed"))
 
     async def _wait_ready(self) -> None:
         assert self.pool is not None
