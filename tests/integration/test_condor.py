@@ -251,3 +251,14 @@ def test_cancel_removes_the_jobs_and_tears_the_pool_down(grid, condor, tmp_path)
     # A new pool on the same hosts and port (fresh key, fresh sessions) works right after.
     code, summary, stderr = submit(nodes[0], "--backend", "condor", "--tasks", "4", "--", "echo", "again {i}")
     assert code == 0 and summary["tasks_done"] == 4, stderr
+
+
+def test_missing_condor_daemons_fail_the_job_clearly(grid, condor_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("BONJOURGRID_CONDOR_PREFIX", str(tmp_path / "no-such-condor"))
+    g = grid(2)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    code, _summary, stderr = submit(nodes[0], "--backend", "condor", "--tasks", "2", "--", "echo", "{i}", timeout=120)
+    assert code != 0
+    assert "cannot run HTCondor" in stderr and "BONJOURGRID_CONDOR_PREFIX" in stderr, stderr
+    wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.3, "both nodes idle again")

@@ -46,9 +46,13 @@ def write_password(password_dir: Path, secret: bytes) -> None:
 async def token(config: Path, bind: Path, identity: str) -> str:
     """An IDTOKEN for `identity`, signed with the pool key by Condor's own tool (run like the daemons)."""
     env = dict(os.environ, CONDOR_CONFIG=str(config), BONJOURGRID_CONDOR_BIND=str(bind))
-    proc = await asyncio.create_subprocess_exec(
-        *prefix(), "condor_token_create", "-identity", identity, "-key", "POOL", env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *prefix(), "condor_token_create", "-identity", identity, "-key", "POOL", env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as e:
+        raise RuntimeError(f"cannot run HTCondor ({e}): install condor or set {PREFIX_ENV} "
+                           "(docs/backends/condor.md)") from e
     out, err = await proc.communicate()
     if proc.returncode != 0 or not out.strip():
         raise RuntimeError(f"condor_token_create failed: {err.decode(errors='replace').strip()}")
