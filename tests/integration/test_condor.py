@@ -169,7 +169,6 @@ def test_a_host_without_the_grid_key_cannot_join_the_pool(grid, condor, tmp_path
     for sub_dir in ("log", "spool", "execute", "lock", "run"):
         (bad / sub_dir).mkdir(parents=True, exist_ok=True)
     write_password(bad / "passwords.d", hashlib.sha256(b"some other grid").digest())
-    (bad / "owner.ad").write_text(cfg.owner_ad(False))
     (bad / "condor_config").write_text(cfg.worker_config(bad, collector, h[2].ip, 9618, bad / "passwords.d",
                                                          cpus=2, memory_mib=1024, node_id="intruder"))
     (bad / "client").write_text(cfg.client_config(collector, bad / "passwords.d", bad / "no-tokens"))
@@ -262,3 +261,48 @@ def test_missing_condor_daemons_fail_the_job_clearly(grid, condor_root, tmp_path
     assert code != 0
     assert "cannot run HTCondor" in stderr and "BONJOURGRID_CONDOR_PREFIX" in stderr, stderr
     wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.3, "both nodes idle again")
+
+
+def _states(netns: str, needle: str) -> list[str]:
+    """Process states (R, S, T...) of the processes in a namespace whose command line contains `needle`."""
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout.split()
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                out.append(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+    return out
+
+
+def test_a_busy_owner_suspends_the_running_task_and_it_resumes_after(grid, condor, tmp_path):
+    """The owner policy on a live startd: BgOwnerBusy, set as the worker half sets it, drives SUSPEND/CONTINUE."""
+    g = grid(2)
+    nodes = g.start_all("--cpus", "1")
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--backend", "condor", "--results",
+                                                str(tmp_path / "res"), "--tasks", "1", "--",
+                                                "sh", "-c", "sleep 8; echo finished"), "submit")
+    wait_for(lambda: "sleep 8" in _cmdlines(nodes[1].host.netns), 90, 0.2, "the task running on the worker")
+    owner = next(nodes[1].state_dir.rglob("owner.config"))
+
+    def set_owner(busy: bool) -> None:  # what the worker half does when the node's owner state flips
+        owner.write_text(f"BgOwnerBusy = {busy}\n")
+        r = nodes[1].host.run([str(CHROOT), str(condor), "condor_reconfig", "-daemon", "startd"],
+                              env={"CONDOR_CONFIG": str(owner.parent / "condor_config"),
+                                   "BONJOURGRID_CONDOR_BIND": str(owner.parent)})
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    set_owner(True)
+    def stopped() -> bool:  # the task's shell and its sleep, both stopped
+        states = _states(nodes[1].host.netns, "sleep 8")
+        return bool(states) and set(states) == {"T"}
+
+    wait_for(stopped, 30, 0.2, "the task to be suspended")
+    time.sleep(4)
+    assert stopped()  # still suspended while the owner is busy
+    set_owner(False)
+    wait_for(lambda: not sub.alive(), 90, 0.3, "the job to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    assert (tmp_path / "res" / "0" / "stdout").read_text() == "finished\n"
+    result = json.loads((tmp_path / "res" / "0" / "result.json").read_text())
+    assert result["attempts"] == 1  # suspended and resumed in place, not vacated and rerun

@@ -25,7 +25,6 @@ SCHEDD_INTERVAL = 2
 SCHEDD_MIN_INTERVAL = 1
 STARTER_UPDATE_INTERVAL = 2
 SHADOW_QUEUE_UPDATE_INTERVAL = 2
-STARTD_CRON_OWNER_PERIOD = 2s
 MASTER_UPDATE_INTERVAL = 5
 """
 
@@ -37,14 +36,14 @@ USE_PID_NAMESPACES = False
 CGROUP_MEMORY_LIMIT_POLICY = none
 """
 
-# The node's owner policy, seen by the startd as the machine attribute BgOwnerBusy (a startd cron job
-# reads the file the worker half keeps up to date). Busy owner: no new job starts, running ones are
-# suspended, resumed when the owner leaves, and given back (vacated) after MaxSuspendTime.
+# The node's owner policy, seen by the startd as the machine attribute BgOwnerBusy: the worker half
+# rewrites owner.config and sends the startd a reconfig when the owner's state flips. Busy owner: no
+# new job starts, running ones are suspended, resumed when the owner leaves, and given back
+# (vacated, to run elsewhere) after BgMaxSuspendTime.
 POLICY = """\
-STARTD_CRON_JOBLIST = OWNER
-STARTD_CRON_OWNER_MODE = Periodic
-STARTD_CRON_OWNER_EXECUTABLE = /bin/cat
-STARTD_CRON_OWNER_ARGS = $(LOCAL_DIR)/owner.ad
+BgOwnerBusy = False
+include ifexist : $(LOCAL_DIR)/owner.config
+STARTD_ATTRS = $(STARTD_ATTRS) BgOwnerBusy
 BgMaxSuspendTime = 600
 START = (BgOwnerBusy =!= True)
 SUSPEND = (BgOwnerBusy =?= True)
@@ -132,6 +131,7 @@ use FEATURE : PartitionableSlot
 BgNode = "{node_id}"
 STARTD_ATTRS = $(STARTD_ATTRS) BgNode
 STARTD_NOCLAIM_SHUTDOWN = 0
+RunBenchmarks = False
 """)
 
 
@@ -147,7 +147,7 @@ UID_DOMAIN = {UID_DOMAIN}
 """
 
 
-def owner_ad(busy: bool) -> str:
+def owner_config(busy: bool) -> str:
     return f"BgOwnerBusy = {'True' if busy else 'False'}\n"
 
 

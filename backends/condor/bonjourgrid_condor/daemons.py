@@ -59,6 +59,16 @@ async def token(config: Path, bind: Path, identity: str) -> str:
     return out.decode().strip()
 
 
+async def run_tool(config: Path, bind: Path, *argv: str) -> None:
+    """Run a Condor command-line tool the way the daemons run (same prefix, config and bind)."""
+    env = dict(os.environ, CONDOR_CONFIG=str(config), BONJOURGRID_CONDOR_BIND=str(bind))
+    proc = await asyncio.create_subprocess_exec(*prefix(), *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {out.decode(errors='replace').strip()}")
+
+
 class Master:
     """A `condor_master -f` in its own session; stop() shuts the whole pool half down."""
 

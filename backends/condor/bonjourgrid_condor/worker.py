@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from pathlib import Path
 
 from bonjourgrid.backend import WorkerHalf
 from bonjourgrid.envelope import Envelope
@@ -13,7 +14,7 @@ from bonjourgrid.gridkey import GridKey
 from bonjourgrid.worker import WorkerCE
 
 from . import config as cfg
-from .daemons import Master, write_password
+from .daemons import Master, run_tool, write_password
 
 log = logging.getLogger("bonjourgrid.condor")
 
@@ -38,21 +39,19 @@ class CondorWorker(WorkerHalf):
             (local / sub).mkdir(exist_ok=True)
         write_password(local / "passwords.d", pool_secret(w.key, w.ce))
         per_task = max(int(w.config.get("cpus", 1)), 1)
-        (local / "owner.ad").write_text(cfg.owner_ad(self._owner_busy()))
+        busy = self._owner_busy()
+        (local / "owner.config").write_text(cfg.owner_config(busy))
         (local / "condor_config").write_text(cfg.worker_config(
             local, str(bc["collector"]), node.addresses[0], int(bc["port"]), local / "passwords.d",
             cpus=w.slots * per_task, memory_mib=int(node.memory_mib), node_id=w.node_id))
         master = Master(local / "condor_config", local, local / "master.out")
         try:
             await master.start()
-            busy = None
             while True:  # keep the startd's view of the owner current (START/SUSPEND policy)
                 now = self._owner_busy()
                 if now != busy:
+                    await self._set_owner(local, now)
                     busy = now
-                    tmp = local / "owner.ad.tmp"
-                    tmp.write_text(cfg.owner_ad(now))
-                    tmp.replace(local / "owner.ad")
                 if not master.alive:
                     log.warning("CE %s: condor_master exited; see %s", w.ce, local / "master.out")
                     return
@@ -61,6 +60,17 @@ class CondorWorker(WorkerHalf):
             with contextlib.suppress(Exception):
                 await asyncio.shield(master.stop())
             shutil.rmtree(local, ignore_errors=True)
+
+    async def _set_owner(self, local: Path, busy: bool) -> None:
+        tmp = local / "owner.config.tmp"
+        tmp.write_text(cfg.owner_config(busy))
+        tmp.replace(local / "owner.config")
+        try:
+            await run_tool(local / "condor_config", local, "condor_reconfig", "-daemon", "startd")
+            log.info("CE %s: owner %s: the startd %s", self.worker.ce, "busy" if busy else "away",
+                     "suspends its jobs" if busy else "runs jobs again")
+        except RuntimeError as e:  # not up yet: it reads the file when it starts
+            log.warning("CE %s: could not tell the startd about the owner: %s", self.worker.ce, e)
 
     def _owner_busy(self) -> bool:
         return bool(self.worker.daemon.machine.state.owner_busy)
