@@ -116,6 +116,9 @@ DAEMON_LIST = MASTER COLLECTOR NEGOTIATOR SCHEDD
 COLLECTOR_NAME = bonjourgrid
 COLLECTOR_HOST = {collector}
 NEGOTIATOR_DEPTH_FIRST = True
+# No RESCHEDULE after a submit (the 2 s negotiation cycle comes anyway): sent while the negotiator is
+# busy negotiating with this schedd, its blocking authentication stalled both for 20 s.
+SCHEDD_SEND_RESCHEDULE = False
 SCHEDD_ASSUME_NEGOTIATOR_GONE = 10
 """)
 
