@@ -61,6 +61,11 @@ class CondorCoordinator(CoordinatorHalf):
     # ------------------------------------------------------------ lifecycle --
 
     async def start(self) -> dict[str, Any]:
+        if getattr(self.ce, "resume", False):
+            # A takeover: tasks the journal says were running went down with the old pool (a Condor
+            # worker holds no result to resend), so every task without a recorded result is resubmitted.
+            for index in list(self.ce.dispatch.running):
+                self.ce.dispatch.requeue(index)
         await asyncio.to_thread(self._write_files)
         tok = await token(self.local / "condor_config", self.local, cfg.SUBMITTER)
         tokens = self.root / "client" / "tokens.d"

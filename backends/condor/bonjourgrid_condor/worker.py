@@ -29,37 +29,62 @@ def pool_secret(key: GridKey, ce: str) -> bytes:
 class CondorWorker(WorkerHalf):
     worker: WorkerCE
 
+    def __init__(self, worker: WorkerCE) -> None:
+        super().__init__(worker)
+        self._moved = asyncio.Event()  # the CE has a new coordinator (failover): rejoin its pool
+
     async def run(self) -> None:
         w = self.worker
         bc = w.config.get("backend_config") or {}
-        node = w.daemon.config
         local = w.dir / "condor"
         local.mkdir(parents=True, exist_ok=True)
         for sub in ("log", "spool", "execute", "lock", "run"):
             (local / sub).mkdir(exist_ok=True)
         write_password(local / "passwords.d", pool_secret(w.key, w.ce))
-        per_task = max(int(w.config.get("cpus", 1)), 1)
         busy = self._owner_busy()
         (local / "owner.config").write_text(cfg.owner_config(busy))
+        collector, port = str(bc["collector"]), int(bc["port"])
+        master: Master | None = None
+        try:
+            while True:
+                master = await self._start_master(local, collector, port)
+                while not self._moved.is_set():  # keep the startd's view of the owner current
+                    now = self._owner_busy()
+                    if now != busy:
+                        await self._set_owner(local, now)
+                        busy = now
+                    if not master.alive:
+                        log.warning("CE %s: condor_master exited; see %s", w.ce, local / "master.out")
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._moved.wait(), OWNER_POLL_S)
+                # A successor coordinator built a new pool: its jobs here belonged to the old one
+                # (it resubmits every task without a recorded result), so restart toward it.
+                self._moved.clear()
+                await master.stop()
+                rec = w.daemon.view.nodes.get(w.coordinator)
+                if rec is not None and rec.addresses:
+                    collector = f"{rec.addresses[0]}:{port}"
+                log.warning("CE %s: joining the new coordinator's pool at %s", w.ce, collector)
+        finally:
+            if master is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(master.stop())
+            shutil.rmtree(local, ignore_errors=True)
+
+    async def _start_master(self, local: Path, collector: str, port: int) -> Master:
+        w, node = self.worker, self.worker.daemon.config
+        per_task = max(int(w.config.get("cpus", 1)), 1)
         (local / "condor_config").write_text(cfg.worker_config(
-            local, str(bc["collector"]), node.addresses[0], int(bc["port"]), local / "passwords.d",
+            local, collector, node.addresses[0], port, local / "passwords.d",
             cpus=w.slots * per_task, memory_mib=int(node.memory_mib), node_id=w.node_id))
         master = Master(local / "condor_config", local, local / "master.out")
-        try:
-            await master.start()
-            while True:  # keep the startd's view of the owner current (START/SUSPEND policy)
-                now = self._owner_busy()
-                if now != busy:
-                    await self._set_owner(local, now)
-                    busy = now
-                if not master.alive:
-                    log.warning("CE %s: condor_master exited; see %s", w.ce, local / "master.out")
-                    return
-                await asyncio.sleep(OWNER_POLL_S)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(master.stop())
-            shutil.rmtree(local, ignore_errors=True)
+        await master.start()
+        return master
+
+    async def reattached(self) -> None:
+        """Called by the worker CE after it followed a successor coordinator."""
+        self._moved.set()
 
     async def _set_owner(self, local: Path, busy: bool) -> None:
         tmp = local / "owner.config.tmp"
