@@ -306,3 +306,34 @@ def test_a_busy_owner_suspends_the_running_task_and_it_resumes_after(grid, condo
     assert (tmp_path / "res" / "0" / "stdout").read_text() == "finished\n"
     result = json.loads((tmp_path / "res" / "0" / "result.json").read_text())
     assert result["attempts"] == 1  # suspended and resumed in place, not vacated and rerun
+
+
+def test_coordinator_killed_a_successor_builds_a_new_pool_and_finishes(grid, condor, tmp_path):
+    """Issue 4 with Condor: the successor resubmits the tasks without a recorded result to a pool of its own."""
+    g = grid(4)
+    nodes = g.start_all("--cpus", "1", "--failover-timeout", "1", "--lease", "6")
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = nodes[0].host.spawn(nodes[0].cli_argv(
+        "submit", "--json", "--backend", "condor", "--results", str(res), "--tasks", "12", "--output", "out.txt",
+        "--", "sh", "-c", "sleep 1; echo {i} > out.txt; echo t{i}"), "submit")
+
+    def done() -> int:
+        r = nodes[0].cli("jobs", "--json")
+        return max((j["tasks_done"] for j in json.loads(r.stdout)), default=0) if r.returncode == 0 else 0
+
+    wait_for(lambda: done() >= 3, 120, 0.3, "a part of the job to be done")
+    # The coordinator host dies: node daemon, its broker and its Condor pool (not the submit command).
+    pids = subprocess.run(["ip", "netns", "pids", nodes[0].host.netns], capture_output=True, text=True,
+                          check=False).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid) != sub.pid and b"submit" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: not sub.alive(), 240, 0.5, "submit to follow the CE and end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == 12, summary.get("message")
+    for i in range(12):
+        assert (res / f"{i:02d}" / "stdout").read_text() == f"t{i}\n"
+        assert (res / f"{i:02d}" / "outputs" / "out.txt").read_text() == f"{i}\n"
