@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bonjourgrid.backend import CoordinatorHalf
+from bonjourgrid.backend import BackendError, CoordinatorHalf
 from bonjourgrid.coordinator import CoordinatorCE
 from bonjourgrid.sandbox import collect_outputs, safe_join
 
@@ -61,6 +61,8 @@ class CondorCoordinator(CoordinatorHalf):
     # ------------------------------------------------------------ lifecycle --
 
     async def start(self) -> dict[str, Any]:
+        if self.ce.job.runtime != "process":
+            raise BackendError(f"the condor backend runs tasks as processes, not with runtime {self.ce.job.runtime!r}")
         if getattr(self.ce, "resume", False):
             # A takeover: tasks the journal says were running went down with the old pool (a Condor
             # worker holds no result to resend), so every task without a recorded result is resubmitted.
