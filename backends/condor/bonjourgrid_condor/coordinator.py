@@ -20,6 +20,7 @@ from typing import Any
 
 from bonjourgrid.backend import BackendError, CoordinatorHalf
 from bonjourgrid.coordinator import CoordinatorCE
+from bonjourgrid.journal import InvalidTransitionError
 from bonjourgrid.sandbox import collect_outputs, safe_join
 
 from . import config as cfg
@@ -63,9 +64,12 @@ class CondorCoordinator(CoordinatorHalf):
     async def start(self) -> dict[str, Any]:
         if self.ce.job.runtime != "process":
             raise BackendError(f"the condor backend runs tasks as processes, not with runtime {self.ce.job.runtime!r}")
-        if getattr(self.ce, "resume", False):
+        if getattr(self.ce, "resume", False) and self.ce.journal is not None:
             # A takeover: tasks the journal says were running went down with the old pool (a Condor
             # worker holds no result to resend), so every task without a recorded result is resubmitted.
+            for node in set(self.ce.dispatch.running.values()):
+                await asyncio.to_thread(self.ce.journal.requeue_node, self.ce.job_id, node,
+                                        "its HTCondor pool died with the coordinator")
             for index in list(self.ce.dispatch.running):
                 self.ce.dispatch.requeue(index)
         await asyncio.to_thread(self._write_files)
@@ -222,8 +226,9 @@ class CondorCoordinator(CoordinatorHalf):
             return
         if kind == "EXECUTE":
             node = self._node_of(str(attrs.get("ExecuteHost", "")))
-            attempt = await self.ce.task_started(index, node)
-            self.attempts[index] = (attempt, node, when)
+            attempt = await self._started(index, node)
+            if attempt is not None:
+                self.attempts[index] = (attempt, node, when)
         elif kind == "JOB_TERMINATED":
             await self._report(index, when, attrs)
         elif kind == "JOB_HELD":
@@ -233,6 +238,20 @@ class CondorCoordinator(CoordinatorHalf):
                 await self.pool.call(self.pool.remove, f"ClusterId == {cluster} && ProcId == {proc}", reason)
             await self._report(index, when, attrs, error=f"HTCondor held the job: {reason}",
                                timed_out="duration" in reason.lower())
+
+    async def _started(self, index: int, node: str) -> int | None:
+        """Record a (re)start; None if the task already has its final result (a stale Condor job)."""
+        try:
+            return await self.ce.task_started(index, node)
+        except InvalidTransitionError:
+            pass
+        # Condor reran the job before the core noticed that its first node was gone: that attempt is over.
+        assert self.ce.journal is not None
+        if not await asyncio.to_thread(self.ce.journal.requeue, self.ce.job_id, index, "HTCondor reran it"):
+            log.info("CE %s: task %d already has its result: ignoring a late HTCondor job", self.ce.ce, index)
+            return None
+        self.ce.dispatch.requeue(index)
+        return await self.ce.task_started(index, node)
 
     def _node_of(self, sinful: str) -> str:
         m = HOST_RE.search(sinful)
@@ -248,7 +267,9 @@ class CondorCoordinator(CoordinatorHalf):
         if key is not None:
             self.jobs.pop(key, None)
         if index not in self.attempts:  # held before it ever ran
-            attempt = await self.ce.task_started(index, self.ce.daemon.node_id)
+            attempt = await self._started(index, self.ce.daemon.node_id)
+            if attempt is None:
+                return
             self.attempts[index] = (attempt, self.ce.daemon.node_id, when)
         attempt, node, started = self.attempts.pop(index)
         item = await asyncio.to_thread(self._result, index, attempt, started, when, attrs, error, timed_out)
