@@ -29,8 +29,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 mkdir -p .cache
+# Backend plugins are their own packages (the HTCondor daemons come from scripts/condor-root.sh).
 if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]' \
-    && .venv/bin/python -m pip install -q -e backends/boinc; } \
+    && .venv/bin/python -m pip install -q -e backends/boinc -e backends/condor; } \
     >.cache/pip-install.log 2>&1; then
   tail -n 30 .cache/pip-install.log
   echo "setup: pip install failed (full log: .cache/pip-install.log)" >&2
