@@ -96,6 +96,7 @@ class CoordinatorCE:
         self.replication = ReplicationSender(self)
         self.stepped_down = False
         self._first_result_logged = False
+        self._last_probe = 0.0
         self._finisher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -180,8 +181,6 @@ class CoordinatorCE:
         for t in self.journal.tasks(self.job_id):
             if t.state == "pending":
                 pending.append(t.index)
-            elif t.state == "running" and t.node_id == self.daemon.node_id:
-                pending.append(t.index)  # it ran on this very node, whose worker half is gone
             elif t.state == "running" and t.node_id:
                 # Its worker may still be running it: give it the worker timeout to reattach.
                 self.dispatch.add_worker(t.node_id, 1)
@@ -304,18 +303,45 @@ class CoordinatorCE:
         self.sessions[node] = str(env.body.get("session", ""))
         self.dispatch.add_worker(node, max(1, slots))
         # After a failover a worker reattaches with the tasks it is still running: they stay its own.
-        for index in env.body.get("running") or []:
-            if isinstance(index, int) and 0 <= index < len(self.job.tasks) and index not in self.dispatch.running:
-                self.dispatch.claim(index, node)
+        reported = {i for i in env.body.get("running") or [] if isinstance(i, int) and 0 <= i < len(self.job.tasks)}
+        for index in reported - set(self.dispatch.running):
+            self.dispatch.claim(index, node)
+        # Tasks our journal gives it but it does not have (their offer died with the old coordinator):
+        # once its resent results had time to arrive, whatever is still unaccounted for runs again.
+        orphans = {i for i, n in self.dispatch.running.items() if n == node} - reported
+        if orphans and self.resume:
+            self._tasks.append(asyncio.ensure_future(self._requeue_orphans(node, orphans)))
         self.workers_seen.add(node)
         log.info("CE %s: worker %s joined with %d slot(s)", self.ce, node[:8], slots)
         await self._rename_replicas()
         assert self.half is not None
         await self.half.worker_joined(node, slots)
 
+    async def _requeue_orphans(self, node: str, orphans: set[int], delay: float = 2.0) -> None:
+        await asyncio.sleep(delay)
+        lost = [i for i in sorted(orphans) if self.dispatch.running.get(i) == node]
+        if not lost or self.journal is None:
+            return
+        journal, job_id = self.journal, self.job_id
+
+        def requeue() -> None:
+            with journal.batch():
+                for i in lost:
+                    journal.requeue(job_id, i, "its worker never received it (offered before a failover)")
+
+        await asyncio.to_thread(requeue)
+        for i in lost:
+            self.dispatch.requeue(i)
+        log.info("CE %s: %d task(s) offered to %s before the failover run again", self.ce, len(lost), node[:8])
+        self.replication.wake.set()
+        assert self.half is not None
+        await self.half.tasks_requeued()
+
     async def _rename_replicas(self) -> None:
         k = self.job.replicas if self.job.replicas is not None else (1 if len(self.dispatch.workers) >= 2 else 0)
-        if self.replication.rename(list(self.dispatch.workers), k):
+        # never ourselves: a replica of the coordinator on the coordinator's own disk protects nothing
+        others = [w for w in self.dispatch.workers if w != self.daemon.node_id]
+        if self.replication.rename(others, k):
             log.info("CE %s: replicas %s", self.ce, [r[:8] for r in self.replication.replicas])
             if self.bus and self.bus.connected:
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("replicas", self._membership()))
@@ -376,17 +402,32 @@ class CoordinatorCE:
                 return rec
         return None
 
+    async def _successor_by_asking(self) -> NodeRecord | None:
+        """Cut off from all our workers: did one of them take over (and maybe already finish)?"""
+        for node in sorted(self.workers_seen - {self.daemon.node_id}):
+            rec = self.daemon.view.nodes.get(node)
+            if rec is None or not rec.addresses:
+                continue
+            try:
+                reply = await request(rec.addresses[0], rec.port, self.key, self.grid,
+                                      Envelope("job", self.daemon.node_id, {"job": self.job_id}), timeout=1.0)
+            except Exception:
+                continue
+            if int(reply.body.get("epoch") or 0) > self.epoch:
+                return rec
+        return None
+
     async def step_down(self, successor: NodeRecord) -> None:
         """Leave the CE to its successor without touching the job: no release, no final state."""
         async with self._lock:
             if self._done.is_set():
                 return
-            log.warning("CE %s: %s coordinates it now with epoch %s > %s: stepping down", self.ce,
-                        successor.ann.host, successor.ann.epoch, self.epoch)
+            log.warning("CE %s: %s coordinates it now (a higher epoch than our %s): stepping down", self.ce,
+                        successor.ann.host, self.epoch)
             self.stepped_down = True
             self.state = "moved"
-            self.message = f"coordinated by {successor.ann.host} ({successor.ann.node_id[:8]}) since epoch " \
-                           f"{successor.ann.epoch}"
+            self.message = f"coordinated by {successor.ann.host} ({successor.ann.node_id[:8]}) since our epoch " \
+                           f"{self.epoch}"
             me = asyncio.current_task()
             for t in self._tasks:
                 if t is not me:
@@ -400,6 +441,10 @@ class CoordinatorCE:
     async def _recruit_once(self) -> None:
         now = time.monotonic()
         successor = self.superseded_by()
+        if successor is None and not self.dispatch.workers and self.workers_seen \
+                and now - self._last_probe > 2 * self.failover_timeout_s:
+            self._last_probe = now
+            successor = await self._successor_by_asking()
         if successor is not None:
             await self.step_down(successor)
             return
@@ -620,6 +665,7 @@ class CoordinatorCE:
         return {
             "job": self.job_id,
             "name": self.job.name,
+            "epoch": self.epoch,
             "ce": self.ce,
             "backend": self.job.backend,
             "state": self.state,

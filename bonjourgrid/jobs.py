@@ -77,8 +77,12 @@ async def _announce(daemon: NodeDaemon, ce: CoordinatorCE) -> None:
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, bus=ce.bus_url, data=ce.data.url if ce.data else None))
 
 
-async def take_over(daemon: NodeDaemon, ce_id: str, epoch: int) -> CoordinatorCE | None:
-    """This replica becomes the CE's coordinator, from its copy of the journal."""
+async def take_over(daemon: NodeDaemon, ce_id: str, epoch: int, replicas: tuple[str, ...] = ()) -> CoordinatorCE | None:
+    """This replica becomes the CE's coordinator, from its copy of the journal.
+
+    The other replicas of the old coordinator stay replicas first: they hold almost all of the
+    journal already, so a second failure soon after the first still finds an up-to-date copy.
+    """
     ce_dir = ces_dir(daemon) / ce_id
     try:
         journal = await asyncio.to_thread(Journal.open, ce_dir / "journal.db")
@@ -98,6 +102,7 @@ async def take_over(daemon: NodeDaemon, ce_id: str, epoch: int) -> CoordinatorCE
         log.error("CE %s: cannot take over: %s", ce_id, e)
         return None
     daemon.ces[ce_id] = ce
+    ce.replication.replicas = [r for r in replicas if r != daemon.node_id]
     try:
         await ce.start()
     except Exception as e:

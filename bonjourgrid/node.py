@@ -131,11 +131,16 @@ class NodeDaemon:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def take_over(self, ce: str, epoch: int) -> None:
-        """Our worker half of `ce` stepped aside: coordinate the CE from our replica of its journal."""
-        if self.worker is not None and self.worker.ce == ce:
-            self.worker = None
-        await jobs.take_over(self, ce, epoch)
+    async def take_over(self, ce: str, epoch: int, replicas: tuple[str, ...] = ()) -> None:
+        """Coordinate `ce` from our replica of its journal; our worker half goes on working for it."""
+        coordinator = await jobs.take_over(self, ce, epoch, replicas)
+        if self.worker is None or self.worker.ce != ce:
+            return
+        if coordinator is None:
+            self.worker.released = True  # no CE to work for
+        else:
+            await self.worker.follow(self.node_id, coordinator.epoch, coordinator.bus_url,
+                                     coordinator.data.url if coordinator.data else None)
 
     def request_stop(self) -> None:
         self._stop.set()

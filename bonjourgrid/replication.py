@@ -54,7 +54,7 @@ class ReplicationSender:
     def rename(self, workers: list[str], k: int) -> bool:
         """Re-rank the replicas; True if the ranking changed (and must be announced)."""
         new = choose_replicas(self.replicas, workers, k)
-        if new == self.replicas:
+        if new == self.replicas and all(r in self.acked for r in new):
             return False
         for r in new:
             self.acked.setdefault(r, 0)
@@ -67,6 +67,8 @@ class ReplicationSender:
 
     def on_ack(self, node: str, seq: int) -> None:
         if node in self.acked:
+            if self.acked[node] == 0 and seq > 0:
+                log.info("CE %s: replica %s holds the journal up to seq %d", self.ce.ce, node[:8], seq)
             self.acked[node] = max(self.acked[node], seq)
             self.sent.pop(node, None)
             self.wake.set()

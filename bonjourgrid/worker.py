@@ -54,7 +54,7 @@ class WorkerCE:
         self.election = Election(self.node_id, ce, epoch, coordinator, float(config.get("failover_timeout", 1.0)),
                                  lease_s, time.monotonic())
         self.replica = ReplicaStore(daemon.config.state_dir / "ces" / ce, self.key, ce)
-        self.takeover_epoch: int | None = None
+        self.released = False
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
@@ -77,7 +77,7 @@ class WorkerCE:
             log.info("CE %s: working for %s with %d slot(s)", self.ce, self.coordinator[:8], self.slots)
             half_task = asyncio.ensure_future(self.half.run())
             next_beat = 0.0
-            while self.takeover_epoch is None:
+            while not self.released:
                 if half_task.done():
                     half_task.result()  # surface a crash of the backend
                     break
@@ -99,14 +99,13 @@ class WorkerCE:
                     await half_task
             if self.bus is not None and self.bus.connected:
                 with contextlib.suppress(Exception):
-                    if self.takeover_epoch is None:
-                        await self.publish("bye", {})
+                    await self.publish("bye", {})
                     await self.bus.close()
             await asyncio.to_thread(self.replica.close)
             shutil.rmtree(self.dir, ignore_errors=True)
-            if self.takeover_epoch is not None:
-                self.daemon.spawn(self.daemon.take_over(self.ce, self.takeover_epoch))
-            elif not self.daemon.stopping:
+            if self.daemon.worker is self:
+                self.daemon.worker = None
+            if not self.daemon.stopping:
                 # The worker ended on its own (crash, nobody took over): hand the node back.
                 await self.daemon.feed(ns.Release(self.ce, self.epoch))
 
@@ -145,10 +144,17 @@ class WorkerCE:
             elif isinstance(action, TakeOver):
                 log.warning("CE %s: coordinator %s silent: taking over with epoch %d", self.ce,
                             self.coordinator[:8], action.epoch)
-                self.takeover_epoch = action.epoch
+                # The replica journal is the successor's now; our tasks keep running and we keep
+                # working, for ourselves once the new CE is up (`follow`).
+                await asyncio.to_thread(self.replica.close)
+                self.daemon.spawn(self.daemon.take_over(self.ce, action.epoch, self.election.replicas))
             elif isinstance(action, GiveUp):
                 log.warning("CE %s: no coordinator for %gs: leaving the CE", self.ce, self.lease_s)
                 await self.daemon.feed(ns.Release(self.ce, self.epoch))
+
+    async def follow(self, coordinator: str, epoch: int, bus: str, data: str | None) -> None:
+        """Follow a coordinator named directly (this very node, after it took over)."""
+        await self._reattach(Reattach(coordinator, epoch, bus, data))
 
     async def _reattach(self, r: Reattach) -> None:
         log.warning("CE %s: following coordinator %s (epoch %d)", self.ce, r.coordinator[:8], r.epoch)
@@ -197,6 +203,7 @@ class WorkerCE:
             return
         if env.kind == "release":
             log.info("CE %s: released (%s)", self.ce, env.body.get("reason") or env.body.get("state", ""))
+            self.released = True
             await self.daemon.feed(ns.Release(self.ce, self.epoch))
         elif env.kind == "rep":
             await self._replicate(env.body)
