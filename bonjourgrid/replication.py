@@ -117,6 +117,8 @@ class ReplicaStore:
         if not manifest.exists():
             manifest.write_text(json.dumps(inputs))
         changes = [Change.from_dict(c) for c in body.get("changes") or []]
+        if changes and changes[0].seq == 1 and self.journal.last_seq() > 0 and not self._same_history(changes):
+            self._restart()  # we replicated another (deposed) coordinator's history: start over
         fresh = [c for c in changes if c.seq > self.journal.last_seq()]
         for c in fresh:
             if c.op == "result":
@@ -126,6 +128,18 @@ class ReplicaStore:
                     self._fetch(data_url, f"/outputs/{index}/{quote(o['path'])}", o["sha256"], dest)
         self.journal.apply(fresh)
         return self.journal.last_seq()
+
+    def _same_history(self, changes: list[Change]) -> bool:
+        assert self.journal is not None
+        mine = {c.seq: c for c in self.journal.changes_since(0, len(changes))}
+        return all(mine[c.seq].payload == c.payload for c in changes if c.seq in mine)
+
+    def _restart(self) -> None:
+        log.warning("CE %s: the replica journal diverged from the new coordinator's: replaying it", self.ce)
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            (self.dir / f"journal.db{suffix}").unlink(missing_ok=True)
+        self.journal = Journal.open(self.dir / "journal.db")
 
     def _fetch(self, data_url: str | None, path: str, sha: str, dest: Path) -> None:
         if dest.is_file():
