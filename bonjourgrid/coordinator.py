@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import backend as backends
-from .announcement import Role
 from .broker import BrokerHandle, start_embedded_broker_async
 from .bus import Bus, bus_credentials, topic
 from .datasrv import DataServer, sha256_file
@@ -395,10 +394,8 @@ class CoordinatorCE:
 
     def superseded_by(self) -> NodeRecord | None:
         """A coordinator of this CE with a claim that wins over ours (we were cut off and replaced)."""
-        for rec in self.daemon.view.nodes.values():
-            a = rec.ann
-            if a.role is Role.COORDINATOR and a.ce == self.ce and a.epoch is not None \
-                    and supersedes(a.epoch, a.node_id, self.epoch, self.daemon.node_id):
+        for rec in self.daemon.view.coordinators_of(self.ce):
+            if supersedes(rec.ann.epoch or 0, rec.ann.node_id, self.epoch, self.daemon.node_id):
                 return rec
         return None
 

@@ -12,7 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from .announcement import Announcement, Rejected, parse_announcement
+from .announcement import Announcement, Rejected, Role, parse_announcement
 from .gridkey import GridKey
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,11 @@ class GridView:
 
     def ignored_summary(self) -> Counter[str]:
         return Counter(self.ignored.values())
+
+    def coordinators_of(self, ce: str) -> list[NodeRecord]:
+        """Every node announcing itself as coordinator of `ce` with an epoch (a CE may briefly have two)."""
+        return [r for r in self.nodes.values()
+                if r.ann.role is Role.COORDINATOR and r.ann.ce == ce and r.ann.epoch is not None]
 
     def sorted_nodes(self) -> list[NodeRecord]:
         return sorted(self.nodes.values(), key=lambda r: (r.ann.host, r.ann.node_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -17,6 +18,7 @@ from .announcement import Role
 from .coordinator import CoordinatorCE
 from .jobspec import JobFileError, JobSpec
 from .journal import Journal, JournalError
+from .sandbox import safe_join
 
 log = logging.getLogger("bonjourgrid.jobs")
 
@@ -207,8 +209,6 @@ async def result_list(daemon: NodeDaemon, job: str) -> dict[str, Any]:
 
 
 def result_file(daemon: NodeDaemon, job: str, rel: str, offset: int) -> dict[str, Any]:
-    from .sandbox import safe_join
-
     try:
         path = safe_join(daemon.config.state_dir / "exports" / job, rel)
         with open(path, "rb") as f:
@@ -216,6 +216,4 @@ def result_file(daemon: NodeDaemon, job: str, rel: str, offset: int) -> dict[str
             data = f.read(CHUNK)
     except (ValueError, OSError) as e:
         raise JobRequestError(f"cannot read {rel} of {job}: {e}") from None
-    import base64
-
     return {"data": base64.b64encode(data).decode(), "eof": len(data) < CHUNK}

@@ -73,7 +73,6 @@ async def wait_for_node(state_dir: Path, key: GridKey, grid: str, timeout: float
 async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> LocalNode | None:
     """The node to ask about `job` now: its coordinator (highest claim announced over mDNS), or,
     once the job is over and nobody coordinates it, any node that knows it (its last coordinator)."""
-    from .announcement import Role
     from .election import supersedes
     from .mdns import browse
 
@@ -83,10 +82,9 @@ async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> L
         return LocalNode(Path("."), key, grid, rec.port, rec.ann.node_id, rec.addresses[0])
 
     best = None
-    for rec in view.nodes.values():
-        a = rec.ann
-        if a.role is Role.COORDINATOR and a.ce == job and a.epoch is not None and rec.addresses and (
-                best is None or supersedes(a.epoch, a.node_id, best.ann.epoch or 0, best.ann.node_id)):
+    for rec in view.coordinators_of(job):
+        if rec.addresses and (best is None or supersedes(rec.ann.epoch or 0, rec.ann.node_id,
+                                                          best.ann.epoch or 0, best.ann.node_id)):
             best = rec
     if best is not None:
         return node(best)

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import backend as backends
 from . import nodestate as ns
-from .announcement import Role
 from .bus import Bus, BusError, bus_credentials, topic
 from .election import Election, GiveUp, Reattach, TakeOver
 from .envelope import Envelope
@@ -130,10 +129,10 @@ class WorkerCE:
 
     def _coordinators_seen(self, now: float) -> list[Any]:
         actions: list[Any] = []
-        for rec in list(self.daemon.view.nodes.values()):
+        for rec in self.daemon.view.coordinators_of(self.ce):
             a = rec.ann
             # A takeover first claims the role, then announces its bus: follow it once it can be reached.
-            if a.role is Role.COORDINATOR and a.ce == self.ce and a.epoch is not None and a.bus:
+            if a.bus and a.epoch is not None:
                 actions += self.election.coordinator_seen(a.epoch, a.node_id, a.bus, a.data, now)
         return actions
 
