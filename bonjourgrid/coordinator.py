@@ -501,7 +501,7 @@ class CoordinatorCE:
     # -------------------------------------------------------------- results --
 
     async def assign(self, node: str, n: int) -> list[tuple[int, int]]:
-        """Take up to n tasks for `node` and mark them running; returns (index, attempt) pairs."""
+        """Take tasks for `node` (n more asked, see `Dispatch.take`) and mark them running; returns (index, attempt)."""
         picked = self.dispatch.take(node, n)
         if not picked:
             return []
@@ -546,7 +546,7 @@ class CoordinatorCE:
         grants = {}
         for node, w in list(self.dispatch.workers.items()):
             if w.waiting and self.dispatch.pending:
-                got = await self.assign(node, w.waiting)
+                got = await self.assign(node, 0)
                 if got:
                     grants[node] = got
         return grants

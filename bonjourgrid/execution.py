@@ -30,8 +30,7 @@ import logging
 import os
 import resource
 import shutil
-import signal
-import subprocess
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from typing import Any
 import psutil
 
 from bonjourgrid.sandbox import OutputFile, check_glob, collect_outputs, safe_join
+from bonjourgrid.spawner import SpawnerClient, SpawnerDied
 
 __all__ = [
     "Executor",
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 64 << 10
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONTAINER_WORKDIR = "/work"
+MAX_SPAWNERS = 4  # one per set of limits; a CE has one
 
 
 @dataclass(frozen=True)
@@ -169,36 +170,6 @@ class _Capture:
             self.truncated = True
 
 
-async def _pump(stream: asyncio.StreamReader | None, cap: _Capture) -> None:
-    """Read to EOF; past the cap the data is dropped but still read, so the task never blocks on a full pipe."""
-    if stream is None:
-        return
-    while chunk := await stream.read(_READ_CHUNK):
-        cap.feed(chunk)
-
-
-class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """Stream protocol that also tells when the process exits.
-
-    On Python 3.11 ``Process.wait()`` returns only once the pipes are closed as well, so a
-    background grandchild holding stdout would make it hang; ``exited`` does not wait for pipes.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=_READ_CHUNK, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 _PRLIMIT = shutil.which("prlimit")  # util-linux, on every Debian
 
 
@@ -221,10 +192,27 @@ def _limit_table(memory_bytes: int, nofile: int, fsize: int | None, nproc: int |
     return [(res, name, _clamped(res, value)) for res, name, value in table]
 
 
+_FOUND_TTL_S = 10.0
+_found_on_path: dict[tuple[str, str], float] = {}  # (program, PATH) -> when it was last found
+
+
 def _program_problem(program: str, path: str, cwd: Path) -> str | None:
-    """Why `program` cannot be started, checked before the spawn (the prlimit wrapper would hide it)."""
+    """Why `program` cannot be started, with a clear message, before it is handed to the spawner.
+
+    A program found on PATH is not looked up again for a few seconds: a sweep of short tasks
+    runs the same one thousands of times. One that disappears meanwhile still fails clearly (the
+    spawner's "no such program").
+    """
     if "/" not in program:
-        return None if shutil.which(program, path=path) else f"no such program: {program!r} (PATH={path})"
+        now = time.monotonic()
+        if now - _found_on_path.get((program, path), -_FOUND_TTL_S) < _FOUND_TTL_S:
+            return None
+        if not shutil.which(program, path=path):
+            return f"no such program: {program!r} (PATH={path})"
+        if len(_found_on_path) > 256:
+            _found_on_path.clear()
+        _found_on_path[(program, path)] = now
+        return None
     target = cwd / program
     if not target.exists():
         return f"no such program: {program!r}"
@@ -234,11 +222,10 @@ def _program_problem(program: str, path: str, cwd: Path) -> str | None:
 
 
 def _limited_argv(argv: tuple[str, ...], table: list[tuple[int, str, int]]) -> tuple[tuple[str, ...], Any]:
-    """(argv, preexec_fn) that start the task with its rlimits already in force.
+    """(argv, preexec_fn) that start `argv` (the spawner) with the rlimits already in force.
 
-    With util-linux `prlimit` the limits are set by a tiny exec wrapper, so the spawn can use
-    vfork; a Python preexec_fn forces the slow fork path and costs ~6 ms per task (measured:
-    8.9 ms against 2 ms for `true`). Without prlimit we fall back to the preexec_fn.
+    With util-linux `prlimit` the limits are set by an exec wrapper, so the spawn can use vfork;
+    without it, by a preexec_fn (the slow fork path, once per spawner).
     """
     if _PRLIMIT:
         return (_PRLIMIT, *(f"--{name}={value}" for _, name, value in table), "--", *argv), None
@@ -273,6 +260,7 @@ class Executor:
         self._pool = ThreadPoolExecutor(max_workers=max_docker_threads, thread_name_prefix="bg-docker")
         self._cancel_events: dict[str, set[asyncio.Event]] = {}
         self._nproc_cache: tuple[float, int] = (float("-inf"), 0)
+        self._spawners: dict[tuple[Any, ...], SpawnerClient] = {}
 
     # ----------------------------------------------------------------- public API
 
@@ -310,6 +298,9 @@ class Executor:
     def close(self) -> None:
         """Release the thread pool and the docker client's connections."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in self._spawners.values():
+            client.close()
+        self._spawners.clear()
         if self._docker_client is not None:
             with contextlib.suppress(Exception):
                 self._docker_client.close()
@@ -338,11 +329,15 @@ class Executor:
     @staticmethod
     def _make_tmp(sandbox: Path) -> bool:
         """Create sandbox/tmp for TMPDIR; False if something else (maybe a planted symlink) sits there."""
+        tmp = os.path.join(sandbox, "tmp")
         try:
-            tmp = safe_join(sandbox, "tmp")
-            tmp.mkdir(exist_ok=True)
-            return tmp.is_dir() and not tmp.is_symlink()
-        except (OSError, ValueError):
+            os.mkdir(tmp)
+            return True
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                return stat.S_ISDIR(os.lstat(tmp).st_mode)  # a reused sandbox's; never through a symlink
+            return False
+        except OSError:
             return False
 
     async def _collect(self, run: TaskRun) -> tuple[OutputFile, ...]:
@@ -373,7 +368,7 @@ class Executor:
 
     @staticmethod
     def _process_env(run: TaskRun, tmp_ok: bool) -> dict[str, str]:
-        sandbox = str(Path(run.sandbox).resolve())
+        sandbox = os.path.abspath(run.sandbox)
         env = {
             "PATH": os.environ.get("PATH") or _DEFAULT_PATH,
             "HOME": sandbox,
@@ -384,91 +379,70 @@ class Executor:
         env.update(run.env)
         return env
 
-    async def _terminate(self, pgid: int, exited: asyncio.Future[None]) -> None:
-        """SIGTERM the group, give the leader a short grace, then SIGKILL the group (always, even if cancelled)."""
-        try:
-            _killpg(pgid, signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), self._kill_grace_s)
-        finally:
-            _killpg(pgid, signal.SIGKILL)
+    def _spawner(self, limits: Limits) -> SpawnerClient:
+        """The running spawner for these limits, started on first use (and again if it died)."""
+        key = (limits.memory_bytes, limits.max_open_files, limits.max_file_bytes, limits.max_processes)
+        loop = asyncio.get_running_loop()
+        client = self._spawners.get(key)
+        if client is not None and client.alive() and client.loop is loop:
+            return client
+        if client is not None:
+            client.close()
+        if len(self._spawners) >= MAX_SPAWNERS:  # limits of jobs long gone
+            oldest = min(self._spawners, key=lambda k: self._spawners[k].last_used)
+            self._spawners.pop(oldest).close()
+        table = _limit_table(limits.memory_bytes, limits.max_open_files, limits.max_file_bytes,
+                             self._nproc_limit(limits.max_processes))
+        argv, preexec = _limited_argv((), table)
+        client = self._spawners[key] = SpawnerClient(argv, preexec)
+        return client
 
     async def _run_process(self, run: TaskRun, cancel_ev: asyncio.Event) -> TaskOutcome:
         limits = run.limits
         sandbox = Path(run.sandbox)
         env = self._process_env(run, self._make_tmp(sandbox))
-        loop = asyncio.get_running_loop()
         started = time.time()
         problem = _program_problem(run.argv[0], env["PATH"], sandbox)
         if problem:
             return TaskOutcome.failure(problem, started)
-        argv, preexec = _limited_argv(run.argv, _limit_table(
-            limits.memory_bytes, limits.max_open_files, limits.max_file_bytes, self._nproc_limit(limits.max_processes)))
         try:
-            transport, protocol = await loop.subprocess_exec(
-                lambda: _ExitAwareProtocol(loop),
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=sandbox,
-                env=env,
-                start_new_session=True,  # its own process group, so that we can kill the whole tree
-                preexec_fn=preexec,
-            )
-        except FileNotFoundError:
-            return TaskOutcome.failure(f"no such program: {run.argv[0]!r} (PATH={env['PATH']})", started)
-        except PermissionError:
-            # execvpe reports EACCES when the program is missing but some PATH directory was unreadable.
-            if "/" not in run.argv[0] and shutil.which(run.argv[0], path=env["PATH"]) is None:
-                return TaskOutcome.failure(f"no such program: {run.argv[0]!r} (PATH={env['PATH']})", started)
-            return TaskOutcome.failure(f"program is not executable: {run.argv[0]!r}", started)
-        except (OSError, subprocess.SubprocessError, ValueError) as e:
-            return TaskOutcome.failure(f"could not start {run.argv[0]!r}: {e}", started)
-
-        pgid = transport.get_pid()  # == the session and group id, thanks to start_new_session
-        out, err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
-        readers = [asyncio.create_task(_pump(protocol.stdout, out)), asyncio.create_task(_pump(protocol.stderr, err))]
-        cancel_waiter = asyncio.create_task(cancel_ev.wait())
-        timed_out = cancelled = False
+            spawner = self._spawner(limits)
+            rid, reply = await spawner.submit({"argv": list(run.argv), "cwd": str(sandbox), "env": env,
+                                         "timeout": limits.timeout_s, "cap": limits.max_output_bytes,
+                                         "grace": self._kill_grace_s})
+        except (OSError, SpawnerDied) as e:
+            return TaskOutcome.failure(f"could not start the task spawner: {e}", started)
+        cancel_waiter = asyncio.ensure_future(cancel_ev.wait())
         try:
-            done, _ = await asyncio.wait(
-                {protocol.exited, cancel_waiter}, timeout=limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if protocol.exited not in done:
-                cancelled = cancel_waiter in done
-                timed_out = not cancelled
-                await self._terminate(pgid, protocol.exited)
-            await protocol.exited
-            ended = time.time()
-            # The attempt ends with its main process: stragglers in the group would hold the pipes open.
-            _killpg(pgid, signal.SIGKILL)
-            _, pending = await asyncio.wait(readers, timeout=self._kill_grace_s)
-            if pending:  # someone outside the group (setsid) still holds a pipe: stop reading, keep what we have
-                log.warning("task %s: output pipes still open after exit; an escaped process holds them", run.task_id)
-                for t in pending:
-                    t.cancel()
+            await asyncio.wait({reply, cancel_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not reply.done():
+                spawner.cancel(rid)
+            msg = await reply
+        except SpawnerDied as e:
+            return TaskOutcome.failure(f"the task spawner died while running the task: {e}", started)
         except BaseException:
-            # asyncio cancellation (or anything unexpected): kill first, then let it propagate.
-            await asyncio.shield(self._terminate(pgid, protocol.exited))
-            for t in readers:
-                t.cancel()
+            # asyncio cancellation (or anything unexpected): have the group killed, then let it propagate.
+            spawner.cancel(rid)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(reply), self._kill_grace_s + 5)
             raise
         finally:
             cancel_waiter.cancel()
-            transport.close()
-
+        if msg.get("error"):
+            return TaskOutcome.failure(str(msg["error"]), started)
+        if msg.get("escaped"):
+            log.warning("task %s: output pipes still open after exit; an escaped process holds them", run.task_id)
         outputs = await self._collect(run)
         return TaskOutcome(
-            exit_code=None if (timed_out or cancelled) else transport.get_returncode(),
-            stdout=bytes(out.buf),
-            stderr=bytes(err.buf),
-            stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated,
-            started_at=started,
-            ended_at=ended,
-            timed_out=timed_out,
-            cancelled=cancelled,
+            exit_code=msg["exit_code"],
+            stdout=base64.b64decode(msg["stdout"]),
+            stderr=base64.b64decode(msg["stderr"]),
+            stdout_truncated=bool(msg["stdout_truncated"]),
+            stderr_truncated=bool(msg["stderr_truncated"]),
+            started_at=float(msg["started"]),
+            ended_at=float(msg["ended"]),
+            timed_out=bool(msg["timed_out"]),
+            cancelled=bool(msg["cancelled"]),
             outputs=outputs,
             error=None,
         )

@@ -5,6 +5,11 @@ worker asks for as many tasks as it has free slots plus a small prefetch, so
 the coordinator never has to guess a worker's capacity and a fast worker
 simply asks more often. Results go back in batches; a worker keeps each
 result until the coordinator acknowledges it, and resends it otherwise.
+
+Every message through the broker costs more CPU than a short task (amqtt spends
+about a millisecond per QoS 1 message), so the steady state is one exchange per
+batch: a worker's `results` message carries its next `pull`, and the
+coordinator's `tasks` reply carries the acknowledgements.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from .coordinator import CoordinatorCE
 from .datasrv import DataError, fetch, upload
 from .envelope import Envelope
 from .execution import Executor, Limits, TaskOutcome, TaskRun
-from .sandbox import safe_join
+from .sandbox import SandboxPool, safe_join
 from .worker import WorkerCE
 
 log = logging.getLogger("bonjourgrid.native")
@@ -36,7 +41,10 @@ RESEND_S = 3.0
 # hoard tasks that idle workers could run. The depth follows the measured task duration.
 BUFFER_SECONDS = 0.25
 MAX_PREFETCH_PER_SLOT = 16
-COALESCE_S = 0.003  # under load, results finishing this close together go in one message
+# While a worker is busy and its buffer is full, its results wait this long (or for this many
+# more) to share one message; an idle worker, or one about to run dry, sends at once.
+COALESCE_S = 0.02
+COALESCE_MAX = 64
 
 
 class NativeBackend(Backend):
@@ -55,16 +63,19 @@ class NativeCoordinator(CoordinatorHalf):
 
     async def on_message(self, env: Envelope) -> None:
         node = env.sender
-        if env.kind == "pull":
-            n = int(env.body.get("n", 1))
-            if node in self.ce.dispatch.workers and 0 < n <= 10_000:
-                await self._send_tasks(node, await self.ce.assign(node, n))
-        elif env.kind == "results":
-            items = env.body.get("items")
-            if isinstance(items, list):
-                acks = await self.ce.accept_results(node, items)
-                if acks and not self.ce._done.is_set():
-                    await self.ce.send(node, "acks", {"items": acks})
+        if env.kind not in ("pull", "results"):
+            return
+        acks: list[list[int]] = []
+        items = env.body.get("items")
+        if env.kind == "results" and isinstance(items, list):
+            acks = await self.ce.accept_results(node, items)
+        try:
+            n = int(env.body.get("n", 0))
+        except (TypeError, ValueError):
+            n = 0
+        tasks = await self.ce.assign(node, n) if node in self.ce.dispatch.workers and 0 < n <= 10_000 else []
+        if (acks or tasks) and not self.ce._done.is_set():
+            await self._send_tasks(node, tasks, acks)
 
     async def tasks_requeued(self) -> None:
         for node, tasks in (await self.ce.grant_waiting()).items():
@@ -78,12 +89,12 @@ class NativeCoordinator(CoordinatorHalf):
             with contextlib.suppress(Exception):
                 await self.ce.send(node, "cancel", {})
 
-    async def _send_tasks(self, node: str, tasks: list[tuple[int, int]]) -> None:
-        if not tasks:
+    async def _send_tasks(self, node: str, tasks: list[tuple[int, int]], acks: list[list[int]] | None = None) -> None:
+        if not tasks and not acks:
             return
         specs = self.ce.job.tasks
         items = [{"index": i, "attempt": a, "argv": list(specs[i].argv), "env": specs[i].env} for i, a in tasks]
-        await self.ce.send(node, "tasks", {"items": items})
+        await self.ce.send(node, "tasks", {"items": items, "acks": acks or []})
 
 
 class NativeWorker(WorkerHalf):
@@ -103,11 +114,12 @@ class NativeWorker(WorkerHalf):
         self.sent_at: dict[tuple[int, int], float] = {}
         self._results: list[dict[str, Any]] = []
         self._flush = asyncio.Event()
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._inputs_ready: asyncio.Task[Path] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._free_slots = asyncio.Semaphore(worker.slots)
+        self.sandboxes = SandboxPool(worker.dir / "tasks")
         self._avg_task_s = 1.0  # pessimistic until measured: start with a shallow buffer
-        self._last_send = 0.0
 
     async def run(self) -> None:
         cfg = self.worker.config
@@ -127,14 +139,25 @@ class NativeWorker(WorkerHalf):
                 t.cancel()
             self.executor.close()
 
-    async def _pull(self) -> None:
-        """Ask for work once the buffer beyond the running tasks is empty, enough to refill it."""
+    def _running_dry(self) -> bool:
+        """Nothing buffered beyond the running tasks: ask for more now, not with the next batch."""
+        return self.in_hand + self.outstanding <= self.worker.slots
+
+    def _want(self) -> int:
+        """How many tasks to ask for: the slots plus a buffer of about BUFFER_SECONDS of work each.
+
+        Only once the buffer is at least half empty, so that pulls stay few and big.
+        """
         slots = self.worker.slots
-        held = self.in_hand + self.outstanding
-        if held > slots:
-            return
         depth = max(1, min(MAX_PREFETCH_PER_SLOT, round(BUFFER_SECONDS / max(self._avg_task_s, 1e-4))))
-        want = slots + slots * depth - held
+        want = slots + slots * depth - self.in_hand - self.outstanding
+        return want if self._running_dry() or want >= max(slots * depth // 2, 1) else 0
+
+    async def _pull(self) -> None:
+        """Ask for work on its own (start, reattach); in the steady state pulls ride on results."""
+        if not self._running_dry():
+            return
+        want = self._want()
         try:
             await self.worker.publish("pull", {"n": want})
         except BusError:
@@ -143,17 +166,16 @@ class NativeWorker(WorkerHalf):
 
     async def on_message(self, env: Envelope) -> None:
         if env.kind == "tasks":
+            for index, attempt in env.body.get("acks") or []:
+                if (index, attempt) in self.unacked:
+                    self.acked[(index, attempt)] = self.unacked.pop((index, attempt))
+                self.sent_at.pop((index, attempt), None)
             items = env.body.get("items") or []
             self.outstanding = max(self.outstanding - len(items), 0)
             for item in items:
                 self.in_hand += 1
                 self.running_now.add(int(item["index"]))
                 self.queue.put_nowait(item)
-        elif env.kind == "acks":
-            for index, attempt in env.body.get("items") or []:
-                if (index, attempt) in self.unacked:
-                    self.acked[(index, attempt)] = self.unacked.pop((index, attempt))
-                self.sent_at.pop((index, attempt), None)
         elif env.kind == "cancel":
             for t in list(self._running):
                 t.cancel()
@@ -192,7 +214,7 @@ class NativeWorker(WorkerHalf):
         cfg = self.worker.config
         index, attempt = int(item["index"]), int(item["attempt"])
         self.running_now.add(index)
-        sandbox = self.worker.dir / "tasks" / f"{index}-{attempt}"
+        sandbox = self.sandboxes.take()
         try:
             assert self._inputs_ready is not None
             try:
@@ -200,8 +222,6 @@ class NativeWorker(WorkerHalf):
                 inputs = cfg.get("inputs") or []
                 if inputs:  # copying can take a while: off the event loop
                     await asyncio.to_thread(self._prepare, sandbox, cache, inputs)
-                else:
-                    sandbox.mkdir(parents=True, exist_ok=True)
             except (DataError, OSError, ValueError) as e:
                 outcome = TaskOutcome.failure(f"could not stage inputs: {e}")
             else:
@@ -226,13 +246,14 @@ class NativeWorker(WorkerHalf):
             self._free_slots.release()
         self.unacked[(index, attempt)] = result
         self._results.append(result)
-        self._flush.set()
-        await self._pull()
-        shutil.rmtree(sandbox, ignore_errors=True)
+        if self.in_hand == 0 or self._running_dry() or len(self._results) >= COALESCE_MAX:
+            self._flush.set()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_S, self._flush.set)
+        self.sandboxes.give_back(sandbox)
 
     @staticmethod
     def _prepare(sandbox: Path, cache: Path, inputs: list[dict[str, Any]]) -> None:
-        sandbox.mkdir(parents=True, exist_ok=True)
         for f in inputs:
             dest = safe_join(sandbox, f["dest"])
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -269,14 +290,15 @@ class NativeWorker(WorkerHalf):
         }
 
     async def _send_results_forever(self) -> None:
-        """Batch whatever finished since the last send; resend what was never acknowledged."""
+        """Batch whatever finished since the last send, with the next pull; resend what was never acknowledged."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._flush.wait(), RESEND_S)
-            if self._results and time.monotonic() - self._last_send < COALESCE_S and self.in_hand:
-                await asyncio.sleep(COALESCE_S)  # busy: let a few more results join this message
             self._flush.clear()
-            now = self._last_send = time.monotonic()
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            now = time.monotonic()
             batch, self._results = self._results, []
             fresh = {(r["index"], r["attempt"]) for r in batch}
             batch += [r for k, r in self.unacked.items()
@@ -285,7 +307,10 @@ class NativeWorker(WorkerHalf):
                 continue
             for r in batch:
                 self.sent_at[(r["index"], r["attempt"])] = now
+            want = self._want()
             try:
-                await self.worker.publish("results", {"items": batch})
+                await self.worker.publish("results", {"items": batch, "n": want})
             except Exception as e:  # the bus is gone: results stay unacked and are resent
                 log.warning("CE %s: could not send %d result(s): %s", self.worker.ce, len(batch), e)
+            else:
+                self.outstanding += want

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -172,3 +173,52 @@ def collect_outputs(sandbox: Path, globs: tuple[str, ...]) -> tuple[OutputFile, 
             size, digest = hashed
             found[key] = OutputFile(path=key, size=size, sha256=digest)
     return tuple(found[k] for k in sorted(found))
+
+
+class SandboxPool:
+    """One task directory per slot, emptied after each task and reused.
+
+    Creating and removing a sandbox (and its tmp/) per task cost more than a short task itself:
+    ext4 queues directory creation and removal behind the journals' fsyncs on the same disk. An
+    emptied directory needs only a scandir. A directory that cannot be emptied (a task took away
+    its permissions) is removed as well as possible and never reused.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._free: list[Path] = []
+        self._made = 0
+
+    def take(self) -> Path:
+        if self._free:
+            return self._free.pop()
+        self._made += 1
+        path = self.root / f"slot-{self._made}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def give_back(self, path: Path) -> None:
+        if _empty(path):
+            self._free.append(path)
+        else:
+            log.warning("sandbox %s could not be emptied: not reused", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty(path: Path) -> bool:
+    """Remove everything in `path` but an empty tmp/ (the next task's TMPDIR); False on failure."""
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if e.name == "tmp":
+                    with os.scandir(e.path) as inner:
+                        if next(inner, None) is None:
+                            continue
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+        return True
+    except OSError:
+        return False

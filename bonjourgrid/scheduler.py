@@ -113,10 +113,15 @@ class Dispatch:
         return lost
 
     def take(self, node: str, n: int) -> list[int]:
-        """Up to n tasks for `node`; what it asked for but did not get is remembered."""
+        """Tasks for `node`, which asks for n more: up to what it asked for so far and did not get.
+
+        Requests add up (a worker asks again before earlier asks were met, with its results),
+        and what cannot be given now is remembered for `grant_waiting` (n = 0).
+        """
         w = self.workers.get(node)
-        if w is None or n <= 0:
+        if w is None:
             return []
+        n += w.waiting
         out: list[int] = []
         others = len(self.workers) > 1
         for _ in range(len(self.retry)):

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,11 +33,15 @@ def _run(sandbox: Path, argv: list[str], executor: Executor | None = None, **kw)
         **kw,
     )
     ex = executor or Executor(kill_grace_s=0.5)
-    try:
-        return asyncio.run(ex.run(run))
-    finally:
-        if executor is None:
-            ex.close()
+
+    async def go() -> TaskOutcome:
+        try:
+            return await ex.run(run)
+        finally:
+            if executor is None:
+                ex.close()  # in the loop that owns the spawner's pipes
+
+    return asyncio.run(go())
 
 
 def _gone(pid: int) -> bool:
@@ -334,3 +339,70 @@ def test_not_executable_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "script.sh").write_text("#!/bin/sh\necho hi\n")
     out = _run(tmp_path, ["./script.sh"])
     assert out.error is not None and "not executable" in out.error
+
+
+# --------------------------------------------------------------------------- the spawner
+
+
+def test_tasks_share_one_spawner_that_runs_them_under_the_limits(tmp_path: Path) -> None:
+    async def scenario() -> list[TaskOutcome]:
+        ex = Executor(kill_grace_s=0.5)
+        try:
+            runs = [TaskRun(f"t{i}", ("sh", "-c", f"ulimit -v; echo {i}; echo $PPID"), {}, tmp_path, (),
+                            Limits(memory_bytes=700 << 20)) for i in range(20)]
+            return await asyncio.gather(*(ex.run(r) for r in runs))
+        finally:
+            ex.close()
+
+    outs = asyncio.run(scenario())
+    lines = [o.stdout.decode().split() for o in outs]
+    assert [x[:2] for x in lines] == [[str(700 << 10), str(i)] for i in range(20)]
+    assert len({x[2] for x in lines}) == 1  # one parent: the spawner
+
+
+def test_a_killed_spawner_fails_its_tasks_clearly_and_the_next_task_gets_a_new_one(tmp_path: Path) -> None:
+    async def scenario() -> tuple[TaskOutcome, TaskOutcome]:
+        ex = Executor(kill_grace_s=0.5)
+        try:
+            task = asyncio.create_task(ex.run(TaskRun("long", (PY, "-c", _TREE), {}, tmp_path, (), Limits())))
+            child, _ = await asyncio.to_thread(_read_pids, tmp_path / "pids", 2)
+            main = psutil.Process(child).ppid()
+            os.kill(psutil.Process(main).ppid(), 9)  # the task's parent: the spawner
+            first = await task
+            os.killpg(main, 9)  # orphaned with its spawner, as with a killed worker: not ours to wait for
+            second = await ex.run(TaskRun("next", ("echo", "again"), {}, tmp_path, (), Limits()))
+            return first, second
+        finally:
+            ex.close()
+
+    first, second = asyncio.run(scenario())
+    assert first.error is not None and "spawner" in first.error and not first.ok
+    assert second.ok and second.stdout == b"again\n"
+
+
+def test_closing_the_executor_kills_what_still_runs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ex = Executor(kill_grace_s=0.5)
+        task = asyncio.create_task(ex.run(TaskRun("long", (PY, "-c", _TREE), {}, tmp_path, (), Limits())))
+        await asyncio.to_thread(_read_pids, tmp_path / "pids", 2)
+        ex.close()  # the worker left the CE: the spawner sees its stdin close
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
+    assert _wait_gone(_read_pids(tmp_path / "pids", 2))
+
+
+def test_a_garbled_request_is_dropped_and_the_spawner_goes_on(tmp_path: Path) -> None:
+    spawner = Path(__file__).parents[2] / "bonjourgrid" / "spawner.py"
+    req = json.dumps({"op": "run", "id": 1, "argv": ["echo", "ok"], "cwd": str(tmp_path),
+                      "env": {"PATH": "/bin:/usr/bin"}})
+    p = subprocess.Popen([PY, "-I", str(spawner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    p.stdin.write(f"not json\n{{}}\n{req}\n".encode())
+    p.stdin.flush()
+    reply = json.loads(p.stdout.readline())  # stdin stays open: closing it would kill the task
+    p.stdin.close()
+    assert p.wait(20) == 0
+    assert reply["id"] == 1 and reply["exit_code"] == 0 and reply["stdout"] == "b2sK"  # base64 of "ok\n"
+    assert b"dropped a bad request" in p.stderr.read()

@@ -50,6 +50,19 @@ def test_dispatch_pull_requeue_and_retry_elsewhere():
     assert d.tried[0] == {"w1", "w2"}
 
 
+def test_unmet_requests_add_up_and_are_granted_later():
+    d = Dispatch(range(6))
+    d.add_worker("w1", 1)
+    assert d.take("w1", 4) == [0, 1, 2, 3]
+    assert d.take("w1", 3) == [4, 5]
+    assert d.take("w1", 2) == []
+    assert d.workers["w1"].waiting == 3  # one from the second ask, two from the third
+    d.requeue(0)
+    d.requeue(1)
+    assert sorted(d.take("w1", 0)) == [0, 1]  # a grant: nothing new asked
+    assert d.workers["w1"].waiting == 1
+
+
 def test_lost_worker_tasks_come_back_first_and_a_lone_worker_gets_its_retries():
     d = Dispatch(range(3))
     d.add_worker("w1", 2)

@@ -1,0 +1,312 @@
+"""The task spawner: a small child process that starts a worker's tasks, already under their rlimits.
+
+Why a separate process: rlimits are per process and inherited. A Python preexec_fn that sets
+them forces the slow fork path (about 6 ms per task), and the util-linux `prlimit` exec wrapper
+costs a whole extra exec (about 1 ms of CPU per task, as much as `true` itself). The spawner is
+started once per set of limits, through `prlimit`, so every task it starts inherits them with a
+plain vfork+exec; and the worker's event loop no longer carries the pipes and exit watching of
+every task, which run here, on the other core.
+
+Only the standard library: it runs as `python -I spawner.py`. Protocol, one JSON object per
+line: requests on stdin (`run`, `cancel`), replies on stdout (one per `run`, by `id`). When
+stdin closes (the worker went away) every task's process group is killed and the spawner exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+READ_CHUNK = 64 << 10
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@dataclass
+class _Task:
+    id: int
+    proc: subprocess.Popen[bytes]
+    cap: int
+    grace: float
+    started: float
+    deadline: float | None  # the task's timeout
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    out_trunc: bool = False
+    err_trunc: bool = False
+    open_pipes: int = 2
+    ended: float | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    kill_at: float | None = None  # SIGKILL the group then (after a SIGTERM's grace)
+    drain_until: float | None = None  # after the exit: stop waiting for pipes an escaped process holds
+    escaped: bool = False
+
+    def feed(self, stream: str, chunk: bytes) -> None:
+        buf = self.out if stream == "out" else self.err
+        room = self.cap - len(buf)
+        if room > 0:
+            buf += chunk[:room]
+        if len(chunk) > max(room, 0):
+            if stream == "out":
+                self.out_trunc = True
+            else:
+                self.err_trunc = True
+
+    def reply(self) -> dict[str, Any]:
+        killed = self.timed_out or self.cancelled
+        return {"id": self.id, "exit_code": None if killed else self.proc.returncode,
+                "stdout": base64.b64encode(self.out).decode(), "stderr": base64.b64encode(self.err).decode(),
+                "stdout_truncated": self.out_trunc, "stderr_truncated": self.err_trunc,
+                "started": self.started, "ended": self.ended, "timed_out": self.timed_out,
+                "cancelled": self.cancelled, "escaped": self.escaped, "error": None}
+
+
+class Spawner:
+    def __init__(self, out: Any) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.tasks: dict[int, _Task] = {}
+        self.out = out
+        self.inbuf = b""
+        self.stdin_open = True
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.out.write(json.dumps(msg).encode() + b"\n")
+            self.out.flush()
+        except BrokenPipeError:  # the worker is gone: nobody to tell
+            self.stdin_open = False
+
+    def start(self, req: dict[str, Any]) -> None:
+        tid = int(req["id"])
+        argv = [str(a) for a in req["argv"]]
+        now = time.time()
+        try:
+            proc = subprocess.Popen(argv, cwd=req["cwd"], env=req["env"], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError:
+            return self._failed(tid, f"no such program: {argv[0]!r} (PATH={req['env'].get('PATH', '')})", now)
+        except PermissionError:
+            return self._failed(tid, f"program is not executable: {argv[0]!r}", now)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            return self._failed(tid, f"could not start {argv[0]!r}: {e}", now)
+        timeout = req.get("timeout")
+        t = _Task(tid, proc, int(req.get("cap", 1 << 20)), float(req.get("grace", 2.0)), now,
+                  None if timeout is None else time.monotonic() + float(timeout))
+        self.tasks[tid] = t
+        assert proc.stdout is not None and proc.stderr is not None
+        for pipe, stream in ((proc.stdout, "out"), (proc.stderr, "err")):
+            os.set_blocking(pipe.fileno(), False)
+            self.sel.register(pipe, selectors.EVENT_READ, (t, stream))
+        self.sel.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, (t, "exit"))
+
+    def _failed(self, tid: int, error: str, started: float) -> None:
+        self.send({"id": tid, "error": error, "started": started, "ended": time.time()})
+
+    def stop(self, tid: int, *, cancel: bool) -> None:
+        """Timeout or cancel: SIGTERM the group now, SIGKILL it after the grace."""
+        t = self.tasks.get(tid)
+        if t is None or t.ended is not None or t.kill_at is not None:
+            return
+        t.cancelled, t.timed_out = cancel, not cancel
+        _killpg(t.proc.pid, signal.SIGTERM)
+        t.kill_at = time.monotonic() + t.grace
+
+    def on_ready(self, key: selectors.SelectorKey) -> None:
+        t, what = key.data
+        if what == "exit":
+            self.sel.unregister(key.fileobj)
+            os.close(key.fd)
+            t.proc.wait()
+            t.ended = time.time()
+            # The attempt ends with its main process: stragglers in the group would hold the pipes open.
+            _killpg(t.proc.pid, signal.SIGKILL)
+            t.drain_until = time.monotonic() + t.grace
+        else:
+            try:
+                chunk = os.read(key.fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if chunk:
+                t.feed(what, chunk)
+                return
+            self.sel.unregister(key.fileobj)
+            key.fileobj.close()  # type: ignore[union-attr]
+            t.open_pipes -= 1
+        self._maybe_done(t)
+
+    def _maybe_done(self, t: _Task) -> None:
+        if t.ended is not None and t.open_pipes == 0:
+            del self.tasks[t.id]
+            self.send(t.reply())
+
+    def on_time(self, now: float) -> None:
+        for t in list(self.tasks.values()):
+            if t.ended is None and t.deadline is not None and now >= t.deadline and t.kill_at is None:
+                self.stop(t.id, cancel=False)
+            if t.ended is None and t.kill_at is not None and now >= t.kill_at:
+                _killpg(t.proc.pid, signal.SIGKILL)
+                t.kill_at = now + 3600  # once
+            if t.drain_until is not None and now >= t.drain_until and t.open_pipes:
+                t.escaped = True  # someone outside the group (setsid) holds a pipe: keep what we have
+                for key in list(self.sel.get_map().values()):
+                    if key.data != "stdin" and key.data[0] is t:
+                        self.sel.unregister(key.fileobj)
+                        key.fileobj.close()  # type: ignore[union-attr]
+                t.open_pipes = 0
+                self._maybe_done(t)
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until the next timeout, SIGKILL or end of draining, if any."""
+        times = []
+        for t in self.tasks.values():
+            if t.ended is None:
+                if t.kill_at is not None:
+                    times.append(t.kill_at)
+                elif t.deadline is not None:
+                    times.append(t.deadline)
+            elif t.open_pipes and t.drain_until is not None:
+                times.append(t.drain_until)
+        return max(min(times) - time.monotonic(), 0.0) if times else None
+
+    def on_stdin(self, fd: int) -> None:
+        data = os.read(fd, READ_CHUNK)
+        if not data:
+            self.stdin_open = False
+            self.sel.unregister(fd)
+            for t in self.tasks.values():
+                _killpg(t.proc.pid, signal.SIGKILL)
+            return
+        self.inbuf += data
+        *lines, self.inbuf = self.inbuf.split(b"\n")
+        for line in lines:
+            try:
+                req = json.loads(line)
+                if req["op"] == "run":
+                    self.start(req)
+                elif req["op"] == "cancel":
+                    self.stop(int(req["id"]), cancel=True)
+            except (ValueError, KeyError, TypeError) as e:
+                print(f"bonjourgrid spawner: dropped a bad request: {e}", file=sys.stderr, flush=True)
+
+    def run(self, stdin_fd: int) -> None:
+        self.sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
+        while self.stdin_open or self.tasks:
+            for key, _ in self.sel.select(self.next_wakeup()):
+                if key.data == "stdin":
+                    self.on_stdin(key.fd)
+                else:
+                    self.on_ready(key)
+            self.on_time(time.monotonic())
+            if not self.stdin_open and self.tasks:
+                for t in self.tasks.values():
+                    _killpg(t.proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when we stop (by closing stdin)
+    Spawner(sys.stdout.buffer).run(sys.stdin.fileno())
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ------------------------------------------------------------------ the worker's end of the pipe
+# (asyncio, also standard library only; imported by execution.py, never run in the spawner)
+
+
+class SpawnerDied(Exception):
+    pass
+
+
+class SpawnerClient:
+    """One running spawner: sends `run` requests and matches the replies to them.
+
+    Plain pipe transports rather than an asyncio subprocess: closing our end of stdin is how the
+    spawner is told to stop (it then kills what still runs), and nothing else needs closing.
+    """
+
+    def __init__(self, argv: tuple[str, ...], preexec: Any) -> None:
+        """Starts the spawner now (so that concurrent first tasks share it); `submit` waits for the pipes."""
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        self.popen = subprocess.Popen([*argv, sys.executable, "-I", os.path.abspath(__file__)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=preexec)
+        self.reader = asyncio.StreamReader(limit=16 << 20)  # a reply holds two capped, base64-encoded streams
+        self.writer: Any = None
+        self.pending: dict[int, Any] = {}
+        self.next_id = 0
+        self.dead: str | None = None
+        self.last_used = time.monotonic()
+        self._ready = self.loop.create_task(self._connect())
+        self._reader_task = self.loop.create_task(self._read())
+
+    async def _connect(self) -> None:
+        import asyncio
+
+        await self.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self.reader), self.popen.stdout)
+        self.writer, _ = await self.loop.connect_write_pipe(asyncio.Protocol, self.popen.stdin)
+
+    def alive(self) -> bool:
+        return self.dead is None and self.popen.poll() is None
+
+    async def submit(self, request: dict[str, Any]) -> tuple[int, Any]:
+        """Start a task: (request id, future of its reply). The future fails with SpawnerDied."""
+        await self._ready
+        if not self.alive():
+            raise SpawnerDied(self.dead or "the task spawner exited")
+        self.next_id += 1
+        rid = self.next_id
+        fut = self.loop.create_future()
+        self.pending[rid] = fut
+        fut.add_done_callback(lambda _f: self.pending.pop(rid, None))
+        self.last_used = time.monotonic()
+        self._write({**request, "op": "run", "id": rid})
+        return rid, fut
+
+    def cancel(self, request_id: int) -> None:
+        """SIGTERM the task's group, SIGKILL it after the grace; its reply says `cancelled`."""
+        self._write({"op": "cancel", "id": request_id})
+
+    def _write(self, msg: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(msg).encode() + b"\n")
+
+    async def _read(self) -> None:
+        try:
+            await self._ready
+            while line := await self.reader.readline():
+                msg = json.loads(line)
+                fut = self.pending.get(msg.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            self.dead = "the task spawner exited"
+        except Exception as e:  # a reply too long or garbled: this spawner cannot be trusted any more
+            self.dead = f"the task spawner failed: {e}"  # closing its stdin below stops it and its tasks
+        for fut in list(self.pending.values()):
+            if not fut.done():
+                fut.set_exception(SpawnerDied(self.dead))
+        self.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(1.0)  # reap it
+
+    def close(self) -> None:
+        """Closing its stdin makes the spawner kill what still runs and exit."""
+        if self.writer is not None:
+            self.writer.close()
+        elif self.popen.stdin is not None:
+            self.popen.stdin.close()
