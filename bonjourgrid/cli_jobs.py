@@ -139,7 +139,10 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
             return 1
         job = str(reply["job"])
         if detach:
-            out.print(f"submitted [bold]{job}[/]; follow it with `bonjourgrid status {job}`")
+            if as_json:
+                print(json.dumps({"job": job, "state": "submitted", "tasks_total": len(spec.tasks)}))
+            else:
+                out.print(f"submitted [bold]{job}[/]; follow it with `bonjourgrid status {job}`")
             return 0
         status, holder = await _follow(node, job, len(spec.tasks), as_json)
         dest = (results or Path("results") / job).resolve()
@@ -299,8 +302,27 @@ def results(job: str, dest: Annotated[Path | None, typer.Option(help="Default: .
             key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None) -> None:
     """Write a job's results (per task stdout, stderr, outputs; summary.json) to a directory."""
     target = (dest or Path("results") / job).resolve()
-    s = _ask(_node(key_file, grid, state_dir), "export", {"job": job, "dest": str(target)})
+    local = _node(key_file, grid, state_dir)
+    try:
+        s = asyncio.run(local.ask("export", {"job": job, "dest": str(target)}))
+    except RequestFailed as e:
+        if "no job" not in str(e):
+            raise fail(str(e), 1) from None
+        s = asyncio.run(_results_from_elsewhere(local, job, target))
+    except NodeUnavailable as e:
+        raise fail(str(e), 1) from None
     out.print(f"{s['job']} ({s['state']}): results in {s['results_dir']}")
+
+
+async def _results_from_elsewhere(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
+    """Not a job of this node: fetch the results from its coordinator, or from a node with its journal."""
+    holder = await find_job(local.key, local.grid, job)
+    if holder is None:
+        raise fail(f"no node of the grid knows job {job!r} (see `bonjourgrid jobs` on its submitting node)", 1)
+    try:
+        return await fetch_results(holder, job, dest)
+    except (RequestFailed, NodeUnavailable) as e:
+        raise fail(f"cannot fetch the results of {job}: {e}", 1) from None
 
 
 @app.command()

@@ -46,6 +46,7 @@ LEASE_S = 30.0
 RECRUIT_EVERY_S = 0.5
 NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
 REFUSED_BACKOFF_S = 5.0
+FINAL_REPLICATION_S = 5.0  # at most, before the workers (and replicas) are released
 RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
 
 
@@ -85,6 +86,7 @@ class CoordinatorCE:
         self.message = ""
         self.started_at = time.time()
         self.first_task_at: float | None = None
+        self.last_result_at: float | None = None
         self.finished_at: float | None = None
         self.counts = {"done": 0, "failed": 0}
         self._done = asyncio.Event()
@@ -221,12 +223,15 @@ class CoordinatorCE:
                 return
             self.state = "finishing"  # final only once torn down: readers then find the journal closed
             self.finished_at = time.time()
+            if self.journal:
+                await asyncio.to_thread(self.journal.set_job_state, self.job_id, state, self.finished_at)
+                # Once the workers are released nobody would take over: the end, and every result,
+                # must be on a replica's disk before, or a crash now would leave them on ours alone.
+                await self._replicas_caught_up(FINAL_REPLICATION_S)
             me = asyncio.current_task()
             for t in self._tasks:
                 if t is not me:  # _finish may run inside one of our own loops: let it complete
                     t.cancel()
-            if self.journal:
-                await asyncio.to_thread(self.journal.set_job_state, self.job_id, state, self.finished_at)
             with contextlib.suppress(Exception):
                 if self.bus and self.bus.connected:
                     await self.bus.publish(topic(self.grid, self.ce, "all"),
@@ -241,6 +246,17 @@ class CoordinatorCE:
             self.state = state
             self._write_summary()
             self._done.set()
+
+    async def _replicas_caught_up(self, timeout: float) -> None:
+        assert self.journal is not None
+        last = self.journal.last_seq()
+        self.replication.wake.set()
+        deadline = time.monotonic() + timeout
+        while any(self.replication.acked.get(r, 0) < last for r in self.replication.replicas):
+            if time.monotonic() > deadline:
+                log.warning("CE %s: the replicas did not confirm the end of the job within %gs", self.ce, timeout)
+                return
+            await asyncio.sleep(0.01)
 
     async def _wait_for_byes(self, timeout: float) -> None:
         """Keep the broker up until every worker said goodbye, so no release is lost with it."""
@@ -510,7 +526,7 @@ class CoordinatorCE:
 
         def mark() -> list[tuple[int, int]]:
             out = []
-            with journal.batch():
+            with journal.batch(durable=False):  # a lost "running" costs nothing: workers report theirs
                 for i in picked:
                     try:
                         out.append((i, journal.mark_running(job_id, i, node, now)))
@@ -585,6 +601,7 @@ class CoordinatorCE:
         requeued = False
         for index, recorded, failure in outcomes:
             if recorded:
+                self.last_result_at = time.time()
                 if self.resume and not self._first_result_logged:
                     self._first_result_logged = True
                     log.warning("CE %s: first result accepted after the takeover (epoch %d)", self.ce, self.epoch)
@@ -676,7 +693,8 @@ class CoordinatorCE:
             "workers_used": len(self.workers_seen),
             "seconds": round(elapsed, 3),
             "tasks_per_second": round((done + failed) / elapsed, 2) if elapsed > 0 else 0.0,
-            "first_task_after": round(self.first_task_at - self.started_at, 3) if self.first_task_at else None,
+            "first_task_after": round(self.first_task_at - self.started_at, 4) if self.first_task_at else None,
+            "last_result_after": round(self.last_result_at - self.started_at, 4) if self.last_result_at else None,
         }
 
     def _write_summary(self) -> None:

@@ -123,10 +123,37 @@ def job_status(daemon: NodeDaemon, job: str) -> dict[str, Any]:
     ce = daemon.ces.get(job)
     if ce is not None:
         return ce.status()
-    path = ces_dir(daemon) / job / "status.json"
-    if "/" in job or not job or not path.is_file():
+    if "/" in job or not job:
         raise JobRequestError(f"no job {job!r} on this node (see `bonjourgrid jobs`)")
-    return json.loads(path.read_text())
+    path = ces_dir(daemon) / job / "status.json"
+    if path.is_file():  # we coordinated it
+        return json.loads(path.read_text())
+    replica = ces_dir(daemon) / job / "journal.db"
+    if replica.is_file() and (daemon.worker is None or daemon.worker.ce != job):  # we were one of its replicas
+        try:
+            return _status_from_journal(replica, job)
+        except (JournalError, OSError) as e:
+            raise JobRequestError(f"cannot read the replica of {job}: {e}") from None
+    raise JobRequestError(f"no job {job!r} on this node (see `bonjourgrid jobs`)")
+
+
+def _status_from_journal(path: Path, job: str) -> dict[str, Any]:
+    """A job's status as a replica of its journal has it (its coordinator may be gone)."""
+    journal = Journal.open(path)
+    try:
+        row = journal.job(job)
+        if row is None:
+            raise JobRequestError(f"no job {job!r} on this node (see `bonjourgrid jobs`)")
+        states = [t.state for t in journal.tasks(job)]
+        nodes = {rec.node_id for _, rec in journal.results(job)}
+    finally:
+        journal.close()
+    end = row.finished_at or row.created_at
+    return {"job": job, "name": row.spec.get("name", job), "state": row.state, "tasks_total": row.n_tasks,
+            "tasks_done": states.count("done"), "tasks_failed": states.count("failed"),
+            "tasks_running": states.count("running"), "tasks_pending": states.count("pending"),
+            "workers": 0, "workers_used": len(nodes), "seconds": round(end - row.created_at, 3),
+            "message": "from a replica of the job's journal"}
 
 
 def list_jobs(daemon: NodeDaemon) -> list[dict[str, Any]]:

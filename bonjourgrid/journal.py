@@ -432,13 +432,18 @@ class Journal:
     # ---------------------------------------------------------- transactions
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, durable: bool = True) -> Iterator[None]:
         """Group commit: everything inside is one transaction and one fsync (durable at exit).
 
         Nested batches join the outer one. An exception escaping the block rolls it all back.
+        `durable=False` skips the fsync: for changes whose loss in a crash costs nothing (a task
+        marked running is found again from the workers); they become durable with the next
+        durable commit, since the WAL is synced as a whole, in order.
         """
         with self._mutex:
             if self._depth == 0:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.execute("BEGIN IMMEDIATE")
             self._depth += 1
             try:
@@ -447,6 +452,7 @@ class Journal:
                 self._depth -= 1
                 if self._depth == 0:
                     self._rollback()
+                    self._conn.execute("PRAGMA synchronous=FULL")
                 raise
             self._depth -= 1
             if self._depth == 0:
@@ -455,6 +461,9 @@ class Journal:
                 except BaseException:  # e.g. disk full or I/O error: nothing of the batch is kept
                     self._rollback()
                     raise
+                finally:
+                    if not durable:
+                        self._conn.execute("PRAGMA synchronous=FULL")
 
     def _rollback(self) -> None:
         self._seq = self._ep = None

@@ -88,6 +88,7 @@ async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> L
             best = rec
     if best is not None:
         return node(best)
+    fallback = None
     for rec in view.nodes.values():
         if not rec.addresses:
             continue
@@ -96,6 +97,8 @@ async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> L
             status = await candidate.ask("job", {"job": job}, timeout=2)
         except (NodeUnavailable, RequestFailed):
             continue
+        if status.get("state") in ("done", "failed", "cancelled"):
+            return candidate  # knows the end: its last coordinator, or a replica
         if status.get("state") not in (None, "moved"):
-            return candidate
-    return None
+            fallback = fallback or candidate
+    return fallback

@@ -79,7 +79,7 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     res = tmp_path / "res"
     job = tmp_path / "job.toml"
     job.write_text('name = "twice"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
-                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
+                   'argv = ["sh", "-c", "sleep 0.4; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
     wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
     nodes[0].proc.kill()
@@ -169,3 +169,26 @@ def test_flapping_worker_loses_nothing_and_duplicates_nothing(grid, tmp_path):
     # link comes back (the old coordinator steps down): the final journal is on whoever holds it.
     final = who_coordinates(nodes) or nodes[0]
     results_recorded_once(final, summary["job"], 200)
+
+
+def test_results_survive_the_coordinator_dying_right_after_the_end(grid, tmp_path):
+    """The end of the job reaches a replica before the workers are released: results from any node."""
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    r = nodes[0].cli("submit", "--json", "--detach", "--tasks", "40", "--output", "out.txt", "--",
+                     "sh", "-c", "sleep 0.05; echo {i} > out.txt; echo t{i}")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout.splitlines()[-1])["job"]
+
+    def state() -> str | None:
+        out = nodes[0].cli("jobs", "--json")
+        return next((j["state"] for j in json.loads(out.stdout) if j["job"] == job), None) if out.returncode == 0 \
+            else None
+
+    wait_for(lambda: state() == "done", 60, 0.05, "the job to end")
+    nodes[0].proc.kill()  # its disk holds the journal, but nobody can ask it any more
+    res = tmp_path / "res"
+    r = nodes[1].cli("results", job, "--dest", str(res))
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_results(res, 40)

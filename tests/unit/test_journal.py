@@ -476,3 +476,15 @@ def test_bump_epoch_can_jump(journal: Journal) -> None:
     assert journal.bump_epoch(at_least=7) == 7
     assert journal.bump_epoch(at_least=3) == 8
     assert [c.epoch for c in journal.changes_since(0)] == [2, 7, 8]
+
+
+def test_a_non_durable_batch_commits_and_leaves_later_commits_durable(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path / "j.db")
+    j.create_job("job", {"name": "x"}, [{"argv": ["true"]}] * 2, submitter="me", created_at=0.0)
+    with j.batch(durable=False):
+        j.mark_running("job", 0, "n1", 1.0)
+    assert j._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL for results
+    j.close()
+    again = Journal.open(tmp_path / "j.db")
+    assert again.task("job", 0).state == "running"
+    again.close()
