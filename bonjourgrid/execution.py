@@ -379,6 +379,10 @@ class Executor:
         env.update(run.env)
         return env
 
+    def prepare(self, limits: Limits) -> None:
+        """Start the spawner for these limits now (a Python start-up, ~0.1 s), not with the first task."""
+        self._spawner(limits)
+
     def _spawner(self, limits: Limits) -> SpawnerClient:
         """The running spawner for these limits, started on first use (and again if it died)."""
         key = (limits.memory_bytes, limits.max_open_files, limits.max_file_bytes, limits.max_processes)

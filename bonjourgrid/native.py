@@ -28,7 +28,7 @@ from .bus import BusError
 from .coordinator import CoordinatorCE
 from .datasrv import DataError, fetch, upload
 from .envelope import Envelope
-from .execution import Executor, Limits, TaskOutcome, TaskRun
+from .execution import Limits, TaskOutcome, TaskRun
 from .sandbox import SandboxPool, safe_join
 from .worker import WorkerCE
 
@@ -102,7 +102,7 @@ class NativeWorker(WorkerHalf):
 
     def __init__(self, worker: WorkerCE) -> None:
         super().__init__(worker)
-        self.executor = Executor()
+        self.executor = worker.daemon.task_executor()  # the node's: its spawners outlive a CE
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.outstanding = 0  # tasks asked for and not yet received
         self.in_hand = 0  # received and not yet finished
@@ -125,6 +125,8 @@ class NativeWorker(WorkerHalf):
         cfg = self.worker.config
         self._inputs_ready = asyncio.ensure_future(self._fetch_inputs(cfg.get("inputs") or []))
         sender = asyncio.ensure_future(self._send_results_forever())
+        if cfg.get("runtime", "process") == "process":
+            self.executor.prepare(self._limits())
         try:
             await self._pull()
             while True:
@@ -137,7 +139,6 @@ class NativeWorker(WorkerHalf):
             sender.cancel()
             for t in list(self._running):
                 t.cancel()
-            self.executor.close()
 
     def _running_dry(self) -> bool:
         """Nothing buffered beyond the running tasks: ask for more now, not with the next batch."""
@@ -231,8 +232,7 @@ class NativeWorker(WorkerHalf):
                     env=dict(item.get("env") or {}),
                     sandbox=sandbox,
                     output_globs=tuple(cfg.get("outputs") or ()),
-                    limits=Limits(cpus=int(cfg.get("cpus", 1)), memory_bytes=int(cfg.get("memory_bytes", 512 << 20)),
-                                  timeout_s=cfg.get("timeout_s")),
+                    limits=self._limits(),
                     runtime=cfg.get("runtime", "process"),
                     image=cfg.get("image"),
                     network=bool(cfg.get("network", False)),
@@ -251,6 +251,11 @@ class NativeWorker(WorkerHalf):
         elif self._flush_timer is None:
             self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_S, self._flush.set)
         self.sandboxes.give_back(sandbox)
+
+    def _limits(self) -> Limits:
+        cfg = self.worker.config
+        return Limits(cpus=int(cfg.get("cpus", 1)), memory_bytes=int(cfg.get("memory_bytes", 512 << 20)),
+                      timeout_s=cfg.get("timeout_s"))
 
     @staticmethod
     def _prepare(sandbox: Path, cache: Path, inputs: list[dict[str, Any]]) -> None:

@@ -28,6 +28,7 @@ from . import jobs
 from . import nodestate as ns
 from .announcement import HOST_RE, Announcement, Role
 from .envelope import BadMessage, Envelope, Opener, seal
+from .execution import Executor
 from .gridkey import GridKey
 from .gridview import GridView, NodeRecord
 from .localnode import NODE_FILE
@@ -119,11 +120,18 @@ class NodeDaemon:
         self._background: set[asyncio.Task[Any]] = set()
         self.ces: dict[str, CoordinatorCE] = {}  # CEs this node coordinates or coordinated
         self.worker: WorkerCE | None = None
+        self._executor: Executor | None = None
         self._publisher: Publisher | None = None
         self._server: asyncio.Server | None = None
         self.port = config.port
 
     # -- lifecycle ----------------------------------------------------------
+
+    def task_executor(self) -> Executor:
+        """The node's task executor, shared by its CEs one after the other (warm spawners, one docker client)."""
+        if self._executor is None:
+            self._executor = Executor()
+        return self._executor
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run in the background, keeping a reference until it ends (asyncio holds only weak ones)."""
@@ -179,6 +187,8 @@ class NodeDaemon:
             log.info("stopping: withdrawing the service")
             await self._execute(self.machine.handle(ns.Shutdown()))
         finally:
+            if self._executor is not None:
+                self._executor.close()  # its spawners kill whatever still runs
             with contextlib.suppress(FileNotFoundError):
                 node_file.unlink()
             await browser.stop()

@@ -7,7 +7,7 @@ started once per set of limits, through `prlimit`, so every task it starts inher
 plain vfork+exec; and the worker's event loop no longer carries the pipes and exit watching of
 every task, which run here, on the other core.
 
-Only the standard library: it runs as `python -I spawner.py`. Protocol, one JSON object per
+Only the standard library: it runs as `python -I -S spawner.py`. Protocol, one JSON object per
 line: requests on stdin (`run`, `cancel`), replies on stdout (one per `run`, by `id`). When
 stdin closes (the worker went away) every task's process group is killed and the spawner exits.
 """
@@ -244,7 +244,7 @@ class SpawnerClient:
         import asyncio
 
         self.loop = asyncio.get_running_loop()
-        self.popen = subprocess.Popen([*argv, sys.executable, "-I", os.path.abspath(__file__)],
+        self.popen = subprocess.Popen([*argv, sys.executable, "-I", "-S", os.path.abspath(__file__)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=preexec)
         self.reader = asyncio.StreamReader(limit=16 << 20)  # a reply holds two capped, base64-encoded streams
         self.writer: Any = None
