@@ -128,6 +128,14 @@ class Host:
             raise TestbedError(f"{self.name}: {' '.join(argv)} exited {r.returncode}: {r.stderr[-2000:]}")
         return r
 
+    def processes(self) -> dict[int, str]:
+        """pid -> command line of every process in this host's namespace (the PID space is shared)."""
+        out = {}
+        for pid in _ip("netns", "pids", self.netns, check=False).stdout.split():
+            with contextlib.suppress(OSError):
+                out[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return out
+
     def link_down(self) -> None:
         _ip("-n", self.testbed.switch, "link", "set", self.port, "down")
 

@@ -17,7 +17,7 @@ import pytest
 from test_ce import WORK_PY, submit, write_job
 
 from bonjourgrid import backend
-from bonjourgrid.testbed import _kill_netns_pids, wait_for
+from bonjourgrid.testbed import Host, _kill_netns_pids, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROOT = ROOT / "scripts" / "condor-chroot.sh"
@@ -91,17 +91,12 @@ def test_thirty_tasks_through_condor_match_the_native_backend(grid, condor, tmp_
     # The pool is gone with the job: no daemon and no directory left behind (workers stop theirs
     # in the background after going back to Idle: allow them a few seconds).
     for node in nodes:
-        wait_for(lambda node=node: "condor_" not in _cmdlines(node.host.netns), 30, 0.3, "condor daemons to stop")
+        wait_for(lambda node=node: "condor_" not in _cmdlines(node.host), 30, 0.3, "condor daemons to stop")
         assert not list(node.state_dir.rglob("condor_config"))
 
 
-def _cmdlines(netns: str) -> str:
-    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout.split()
-    out = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-    return "\n".join(out)
+def _cmdlines(host: Host) -> str:
+    return "\n".join(host.processes().values())
 
 
 def test_a_killed_worker_host_has_its_jobs_rerun_elsewhere(grid, condor, tmp_path):
@@ -118,7 +113,7 @@ def test_a_killed_worker_host_has_its_jobs_rerun_elsewhere(grid, condor, tmp_pat
     res = tmp_path / "res"
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", str(job), "--results", str(res)), "submit")
     victim = nodes[2].host
-    wait_for(lambda: "sleep 2" in _cmdlines(victim.netns), 90, 0.2, "a Condor job running on the victim")
+    wait_for(lambda: "sleep 2" in _cmdlines(victim), 90, 0.2, "a Condor job running on the victim")
     time.sleep(1)
     _kill_netns_pids(victim.netns)  # node daemon, condor_master, startd, starters, jobs: SIGKILL all
     wait_for(lambda: not sub.alive(), 240, 0.5, "the job to end")
@@ -237,13 +232,13 @@ def test_cancel_removes_the_jobs_and_tears_the_pool_down(grid, condor, tmp_path)
         count = 4
     """)
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", str(job)), "submit")
-    wait_for(lambda: "sleep 300" in _cmdlines(nodes[1].host.netns), 90, 0.2, "tasks running on the worker")
+    wait_for(lambda: "sleep 300" in _cmdlines(nodes[1].host), 90, 0.2, "tasks running on the worker")
     ce_dir = next(nodes[0].state_dir.rglob("client/tokens.d")).parents[2]
     r = nodes[0].cli("cancel", ce_dir.name)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: not sub.alive(), 60, 0.3, "submit to return")
     for node in nodes:  # daemons and jobs gone, directories removed
-        wait_for(lambda node=node: not any(s in _cmdlines(node.host.netns) for s in ("condor_", "sleep 300")),
+        wait_for(lambda node=node: not any(s in _cmdlines(node.host) for s in ("condor_", "sleep 300")),
                  30, 0.3, "Condor daemons and jobs to stop")
     assert not (ce_dir / "condor").exists()
     wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.3, "both nodes idle again")
@@ -263,13 +258,12 @@ def test_missing_condor_daemons_fail_the_job_clearly(grid, condor_root, tmp_path
     wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.3, "both nodes idle again")
 
 
-def _states(netns: str, needle: str) -> list[str]:
-    """Process states (R, S, T...) of the processes in a namespace whose command line contains `needle`."""
-    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout.split()
+def _states(host: Host, needle: str) -> list[str]:
+    """Process states (R, S, T...) of the processes on a host whose command line contains `needle`."""
     out = []
-    for pid in pids:
+    for pid, cmdline in host.processes().items():
         with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            if needle in cmdline:
                 out.append(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
     return out
 
@@ -282,7 +276,7 @@ def test_a_busy_owner_suspends_the_running_task_and_it_resumes_after(grid, condo
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--backend", "condor", "--results",
                                                 str(tmp_path / "res"), "--tasks", "1", "--",
                                                 "sh", "-c", "sleep 8; echo finished"), "submit")
-    wait_for(lambda: "sleep 8" in _cmdlines(nodes[1].host.netns), 90, 0.2, "the task running on the worker")
+    wait_for(lambda: "sleep 8" in _cmdlines(nodes[1].host), 90, 0.2, "the task running on the worker")
     owner = next(nodes[1].state_dir.rglob("owner.config"))
 
     def set_owner(busy: bool) -> None:  # what the worker half does when the node's owner state flips
@@ -294,7 +288,7 @@ def test_a_busy_owner_suspends_the_running_task_and_it_resumes_after(grid, condo
 
     set_owner(True)
     def stopped() -> bool:  # the task's shell and its sleep, both stopped
-        states = _states(nodes[1].host.netns, "sleep 8")
+        states = _states(nodes[1].host, "sleep 8")
         return bool(states) and set(states) == {"T"}
 
     wait_for(stopped, 30, 0.2, "the task to be suspended")
@@ -324,12 +318,10 @@ def test_coordinator_killed_a_successor_builds_a_new_pool_and_finishes(grid, con
 
     wait_for(lambda: done() >= 3, 120, 0.3, "a part of the job to be done")
     # The coordinator host dies: node daemon, its broker and its Condor pool (not the submit command).
-    pids = subprocess.run(["ip", "netns", "pids", nodes[0].host.netns], capture_output=True, text=True,
-                          check=False).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError):
-            if int(pid) != sub.pid and b"submit" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
+    for pid, cmdline in nodes[0].host.processes().items():
+        if pid != sub.pid and "submit" not in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not sub.alive(), 240, 0.5, "submit to follow the CE and end")
     assert sub.popen.returncode == 0, sub.output()[-3000:]
     summary = json.loads((res / "summary.json").read_text())
