@@ -47,6 +47,7 @@ RECRUIT_EVERY_S = 0.5
 NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
 REFUSED_BACKOFF_S = 5.0
 RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
+MEMBERS_LISTED = 32  # workers named in a heartbeat (a replica asks only a few of them anyway)
 
 
 class CoordinatorCE:
@@ -346,8 +347,9 @@ class CoordinatorCE:
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("replicas", self._membership()))
 
     def _membership(self) -> dict[str, Any]:
+        """In every heartbeat: the lease, the replicas' ranks, and the workers a replica asks before taking over."""
         return {"lease": self.lease_s, "replicas": list(self.replication.replicas),
-                "timeout": self.failover_timeout_s}
+                "timeout": self.failover_timeout_s, "workers": list(self.dispatch.workers)[:MEMBERS_LISTED]}
 
     async def worker_lost(self, node: str, reason: str) -> None:
         if node not in self.dispatch.workers:

@@ -8,6 +8,20 @@ did not show up with a higher epoch in the meantime. Everybody else waits to
 see a coordinator of a higher epoch and reattaches to it, or gives the node
 back after the lease when nobody comes (no orphans).
 
+Silence on our side is not proof the coordinator is gone: our own link may be
+the one that is down (a flapping desktop). So a replica whose turn comes first
+asks the CE's other workers (`AskPeers`) whether they still hear the coordinator,
+and takes over only on evidence that it is gone for them too (`peers_answered`):
+
+* a peer follows a higher claim, or heard our coordinator less than timeout/2
+  ago: the coordinator is alive and we are the one cut off; hold, ask again one
+  timeout later (the lease still ends it);
+* some peer answered and none says alive: take over;
+* nobody answered: if some other node of the grid answered, we are not isolated
+  (the peers died with the coordinator): take over; if we asked somebody and
+  nobody at all answered, we are probably isolated: hold and ask again; if
+  there was nobody to ask, take over (nothing better is knowable).
+
 Epochs fence: a heartbeat, or a coordinator seen, with an epoch lower than the
 one we follow is ignored, so a deposed coordinator that comes back is never
 obeyed again. Rank r takes over with epoch `old + r`, so two replicas of one
@@ -19,7 +33,10 @@ the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+MAX_ASKED = 8  # peers asked at once: one live answer is enough, a big CE must not be flooded
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,41 @@ class GiveUp:
     """Nobody took over within the lease: the node goes back to Idle."""
 
 
-Action = TakeOver | Reattach | GiveUp
+@dataclass(frozen=True)
+class AskPeers:
+    """Before taking over: ask these CE members whether they still hear the coordinator.
+
+    The I/O layer asks them (and, to tell "they died too" from "I am isolated", a few other
+    nodes of the grid) and feeds the outcome back through `Election.peers_answered`.
+    """
+
+    epoch: int
+    peers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Not taking over now (asked again later). `alive`: peers still hear the coordinator."""
+
+    reason: str
+    alive: bool
+
+
+Action = TakeOver | Reattach | GiveUp | AskPeers | Hold
+
+
+@dataclass(frozen=True)
+class PeerAnswer:
+    """What one asked peer said: the claim it follows and how long since it last heard it.
+
+    `epoch` None: the peer is not (or no longer) a member of this CE, or its answer was unusable;
+    it was reached all the same.
+    """
+
+    node: str
+    epoch: int | None = None
+    coordinator: str | None = None
+    silent: float | None = None
 
 
 def supersedes(epoch: int, node: str, than_epoch: int, than_node: str) -> bool:
@@ -64,7 +115,11 @@ class Election:
     replicas: tuple[str, ...] = ()
     bus: str | None = None
     data: str | None = None
+    workers: tuple[str, ...] = ()  # the CE's workers, as the coordinator last listed them
     done: bool = False  # took over or gave up: this election has nothing more to say
+    _asking: int | None = None  # epoch of the ask in flight
+    _asked_at: float = 0.0
+    _next_ask: float = 0.0
     _tried: set[int] = field(default_factory=set)
 
     @property
@@ -72,17 +127,20 @@ class Election:
         """1-based replica rank of this node, None if it is not a replica."""
         return self.replicas.index(self.me) + 1 if self.me in self.replicas else None
 
-    def heartbeat(self, epoch: int, coordinator: str, now: float,
-                  replicas: tuple[str, ...] | None = None) -> list[Action]:
+    def heartbeat(self, epoch: int, coordinator: str, now: float, replicas: tuple[str, ...] | None = None,
+                  workers: tuple[str, ...] | None = None) -> list[Action]:
         """A heartbeat (or any message) from a coordinator of this CE."""
         if self.done or supersedes(self.epoch, self.coordinator, epoch, coordinator):
             return []
         actions: list[Action] = []
         if (epoch, coordinator) != (self.epoch, self.coordinator):
             actions.append(Reattach(coordinator, epoch, self.bus, self.data))
+            self.workers = ()  # the old coordinator's list says nothing about the new CE
         self.epoch, self.coordinator, self.last_heartbeat = epoch, coordinator, max(self.last_heartbeat, now)
         if replicas is not None:
             self.replicas = replicas
+        if workers is not None:
+            self.workers = workers
         return actions
 
     def coordinator_seen(self, epoch: int, coordinator: str, bus: str | None, data: str | None,
@@ -92,18 +150,58 @@ class Election:
             return []
         self.epoch, self.coordinator, self.bus, self.data = epoch, coordinator, bus, data
         self.last_heartbeat = now  # a fresh coordinator: give it a full timeout to start beating
+        self.workers = ()
         return [Reattach(coordinator, epoch, bus, data)]
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since we last heard the coordinator we follow (what we tell a peer that asks)."""
+        return max(0.0, now - self.last_heartbeat)
 
     def tick(self, now: float) -> list[Action]:
         if self.done:
             return []
         silent = now - self.last_heartbeat
         rank = self.rank
-        if rank is not None and silent >= rank * self.timeout and self.epoch not in self._tried:
-            self._tried.add(self.epoch)
-            self.done = True
-            return [TakeOver(self.epoch + rank)]
+        if self._asking is not None and now - self._asked_at > 2 * self.timeout:
+            self._asking = None  # the outcome never came back: ask anew
+        if rank is not None and silent >= rank * self.timeout and self.epoch not in self._tried \
+                and self._asking is None and now >= self._next_ask:
+            self._asking, self._asked_at = self.epoch, now
+            peers = [p for p in (*self.replicas, *self.workers) if p not in (self.me, self.coordinator)]
+            return [AskPeers(self.epoch, tuple(dict.fromkeys(peers))[:MAX_ASKED])]
         if silent >= self.lease:
             self.done = True
             return [GiveUp()]
         return []
+
+    def peers_answered(self, epoch: int, answers: Sequence[PeerAnswer], asked: int, now: float,
+                       others_asked: int = 0, others_reached: int = 0) -> list[Action]:
+        """The outcome of `AskPeers(epoch, ...)`: take over, or hold and ask again a timeout later.
+
+        `answers`: one per peer that answered; `asked`: peers asked; `others_*`: other nodes of the
+        grid asked, and how many answered (they only tell whether we are isolated).
+        """
+        if self.done or self._asking != epoch:
+            return []  # stale: a later ask, or the election is over
+        self._asking = None
+        rank = self.rank
+        if epoch != self.epoch or rank is None or now - self.last_heartbeat < rank * self.timeout:
+            return []  # the coordinator was heard (or replaced) meanwhile: nothing to decide
+        alive = [a.node for a in answers if self._says_alive(a)]
+        if alive:
+            self._next_ask = now + self.timeout
+            return [Hold(f"{len(alive)} of {len(answers)} peer(s) answering still hear the coordinator", True)]
+        if answers or others_reached or (asked == 0 and others_asked == 0):
+            self._tried.add(epoch)
+            self.done = True
+            return [TakeOver(self.epoch + rank)]
+        self._next_ask = now + self.timeout
+        return [Hold(f"none of the {asked + others_asked} node(s) asked answered: we may be cut off", False)]
+
+    def _says_alive(self, a: PeerAnswer) -> bool:
+        if a.epoch is None or a.coordinator is None:
+            return False
+        if supersedes(a.epoch, a.coordinator, self.epoch, self.coordinator):
+            return True  # it follows a newer claim: someone took over already, and it is not us
+        same = (a.epoch, a.coordinator) == (self.epoch, self.coordinator)
+        return same and a.silent is not None and a.silent < self.timeout / 2

@@ -33,6 +33,7 @@ from .gridview import GridView, NodeRecord
 from .localnode import NODE_FILE
 from .mdns import Browser, Publisher, open_zeroconf
 from .ownerpolicy import OwnerMonitor, OwnerPolicy
+from .peers import HeardRequestError, answer_heard
 from .resources import AnnounceThrottle, ResourceProbe, Resources, ThrottlePolicy
 from .wire import frame, read_frame
 from .worker import WorkerCE
@@ -330,6 +331,7 @@ class NodeDaemon:
             "submit": self._on_submit,
             "job": self._on_job,
             "jobs": lambda r: {"jobs": jobs.list_jobs(self)},
+            "heard": lambda r: answer_heard(self, r.body),
             "cancel": self._on_cancel,
             "export": self._on_export,
             "result_list": lambda r: jobs.result_list(self, str(r.body.get("job", ""))),
@@ -341,7 +343,7 @@ class NodeDaemon:
         try:
             result = handler(req)
             return await result if asyncio.iscoroutine(result) else result
-        except jobs.JobRequestError as e:
+        except (jobs.JobRequestError, HeardRequestError) as e:
             return {"error": str(e)}
 
     async def _on_recruit(self, req: Envelope) -> dict[str, object]:

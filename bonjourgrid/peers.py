@@ -1,0 +1,93 @@
+"""Peer confirmation before a takeover, the I/O half (the decision is `Election.peers_answered`).
+
+A replica that stopped hearing its coordinator asks the CE's other workers, over the
+sealed control channel and in parallel, whom they follow and how long they have not
+heard it (`heard` requests), and a few other nodes of the grid whether they can be
+reached at all. A node answers `heard` from its own state: the CE it coordinates, or
+the claim its worker follows, or that it is not a member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .election import PeerAnswer
+from .envelope import Envelope
+from .wire import request
+
+if TYPE_CHECKING:
+    from .node import NodeDaemon
+
+log = logging.getLogger("bonjourgrid.peers")
+
+OTHERS_ASKED = 3  # other nodes of the grid asked, only to learn whether we are isolated
+
+
+class HeardRequestError(ValueError):
+    """A malformed `heard` request; the message goes back to the asker."""
+
+
+def answer_heard(daemon: NodeDaemon, body: dict[str, Any]) -> dict[str, Any]:
+    """This node's side of a `heard` request about CE `body["ce"]`."""
+    ce = body.get("ce") if isinstance(body, dict) else None
+    if not isinstance(ce, str) or not ce or len(ce) > 200:
+        raise HeardRequestError("malformed heard request: it needs a CE id, {\"ce\": \"...\"}")
+    coord = daemon.ces.get(ce)
+    if coord is not None and coord.state in ("starting", "running") and not coord.stepped_down:
+        return {"ce": ce, "member": True, "coordinator": daemon.node_id, "epoch": coord.epoch, "silent": 0.0}
+    worker = daemon.worker
+    if worker is not None and worker.ce == ce and not worker.election.done:
+        e = worker.election
+        return {"ce": ce, "member": True, "coordinator": e.coordinator, "epoch": e.epoch,
+                "silent": round(e.silent_for(time.monotonic()), 3)}
+    return {"ce": ce, "member": False}
+
+
+def parse_heard(node: str, body: dict[str, Any]) -> PeerAnswer:
+    """A reply as the election reads it; anything unusable counts as "reached, no opinion"."""
+    epoch, coordinator, silent = body.get("epoch"), body.get("coordinator"), body.get("silent")
+    if body.get("member") is not True or isinstance(epoch, bool) or not isinstance(epoch, int) \
+            or not isinstance(coordinator, str) or isinstance(silent, bool) \
+            or not isinstance(silent, int | float) or not math.isfinite(silent) or silent < 0:
+        return PeerAnswer(node)
+    return PeerAnswer(node, epoch, coordinator, float(silent))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    answers: tuple[PeerAnswer, ...]
+    asked: int
+    others_asked: int
+    others_reached: int
+
+
+async def ask(daemon: NodeDaemon, ce: str, coordinator: str, peers: tuple[str, ...], timeout: float) -> Outcome:
+    """Ask `peers` (and a few other nodes) at once; whoever has not answered within `timeout` did not."""
+    view = daemon.view.nodes
+    targets = [p for p in peers if p in view and view[p].addresses]
+    skip = {*peers, daemon.node_id, coordinator}
+    others = [n for n in sorted(view) if n not in skip and view[n].addresses][:OTHERS_ASKED]
+
+    async def one(node: str) -> dict[str, Any] | None:
+        rec = view.get(node)
+        if rec is None:
+            return None
+        env = Envelope("heard", daemon.node_id, {"ce": ce}, ce=ce)
+        try:
+            reply = await request(rec.addresses[0], rec.port, daemon.config.key, daemon.config.grid, env,
+                                  timeout=timeout)
+        except Exception as e:  # unreachable, refused, timed out, bad reply: it did not answer
+            log.debug("CE %s: %s did not answer: %s", ce, node[:8], e)
+            return None
+        return reply.body
+
+    replies = await asyncio.gather(*(one(n) for n in targets + others))
+    answers = tuple(parse_heard(n, r) for n, r in zip(targets, replies[:len(targets)], strict=True)
+                    if r is not None)
+    reached = sum(r is not None for r in replies[len(targets):])
+    return Outcome(answers, len(targets), len(others), reached)
