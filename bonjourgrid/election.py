@@ -88,8 +88,8 @@ Action = TakeOver | Reattach | GiveUp | AskPeers | Hold
 class PeerAnswer:
     """What one asked peer said: the claim it follows and how long since it last heard it.
 
-    `epoch` None: the peer is not (or no longer) a member of this CE, or its answer was unusable;
-    it was reached all the same.
+    `epoch` None: the peer is not (or no longer) a member of this CE, its daemon is gone (its host
+    refused the connection), or its answer was unusable; it was reached all the same.
     """
 
     node: str

@@ -5,6 +5,10 @@ sealed control channel and in parallel, whom they follow and how long they have 
 heard it (`heard` requests), and a few other nodes of the grid whether they can be
 reached at all. A node answers `heard` from its own state: the CE it coordinates, or
 the claim its worker follows, or that it is not a member.
+
+A refused connection counts as an answer with no opinion: the peer's host answered, so
+our own link works, and its daemon is gone (it may have died with the coordinator). Only
+a timeout means "not reached".
 """
 
 from __future__ import annotations
@@ -81,7 +85,9 @@ async def ask(daemon: NodeDaemon, ce: str, coordinator: str, peers: tuple[str, .
         try:
             reply = await request(rec.addresses[0], rec.port, daemon.config.key, daemon.config.grid, env,
                                   timeout=timeout)
-        except Exception as e:  # unreachable, refused, timed out, bad reply: it did not answer
+        except ConnectionRefusedError:
+            return {"refused": True}  # its host is up and answered: we are not cut off from it
+        except Exception as e:  # timed out, unreachable, bad reply: it did not answer
             log.debug("CE %s: %s did not answer: %s", ce, node[:8], e)
             return None
         return reply.body
