@@ -3,8 +3,9 @@
 The network drops, delays, duplicates and reorders messages: heartbeats, claims, and the
 replicas' asks to their peers and the answers. Coordinators crash (the process only: the host
 still refuses connections) or are switched off (silence), and a node may be cut off for a
-while and come back. Idle nodes outside the CE answer asks (they only show whether the asker is
-isolated). Invariants:
+while and come back, maybe with its bus connection gone (it hears no heartbeat until a Hold
+that says the coordinator lives makes it reconnect, as `WorkerCE._rejoin` does). Idle nodes
+outside the CE answer asks (they only show whether the asker is isolated). Invariants:
 
 * fencing: a node never follows a claim (epoch, coordinator) lower than one it followed before;
 * unique claims: no two nodes ever take over with the same epoch;
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bonjourgrid.election import AskPeers, Election, GiveUp, PeerAnswer, Reattach, TakeOver, supersedes
+from bonjourgrid.election import AskPeers, Election, GiveUp, Hold, PeerAnswer, Reattach, TakeOver, supersedes
 
 TIMEOUT = 1.0
 LEASE = 12.0
@@ -54,6 +55,7 @@ class Node:
     alive: bool = True  # the daemon
     host_up: bool = True  # a crashed daemon's host still refuses connections; a switched-off one is silent
     cut_off_until: float = 0.0  # a partitioned node neither sends nor receives
+    bus_lost: bool = False  # hears no heartbeat until it reconnects
     followed: list[tuple[int, str]] = field(default_factory=list)
     gave_up: bool = False
     asking: Ask | None = None
@@ -137,6 +139,7 @@ class Sim:
             self.nodes[what[1]].alive = self.nodes[what[1]].host_up = False
         elif kind == "cut":
             self.nodes[what[1]].cut_off_until = self.now + what[2]
+            self.nodes[what[1]].bus_lost = bool(what[3:] and what[3])
 
     def receive(self, nd: Node, src: str, msg: tuple) -> None:
         kind = msg[0]
@@ -158,6 +161,8 @@ class Sim:
         if nd.election is None:
             return
         if kind == "hb":
+            if nd.bus_lost:
+                return
             actions = nd.election.heartbeat(epoch, coord, self.now, replicas=msg[3], workers=msg[4])
         else:
             actions = nd.election.coordinator_seen(epoch, coord, None, None, self.now)
@@ -195,6 +200,7 @@ class Sim:
             if isinstance(a, Reattach):
                 assert not supersedes(*nd.followed[-1], a.epoch, a.coordinator), "fencing violated"
                 nd.followed.append((a.epoch, a.coordinator))
+                nd.bus_lost = False  # a new coordinator: a new bus connection
             elif isinstance(a, AskPeers):
                 assert nd.election is not None
                 skip = {*a.peers, nd.name, nd.election.coordinator}
@@ -213,6 +219,9 @@ class Sim:
                 for other in self.nodes:
                     if other != nd.name:
                         self.send(nd.name, other, ("seen", a.epoch, nd.name))
+            elif isinstance(a, Hold):
+                if a.alive:
+                    nd.bus_lost = False  # reconnects to the coordinator the others still hear
             elif isinstance(a, GiveUp):
                 nd.gave_up = True
                 nd.election = None
@@ -235,7 +244,7 @@ def scenario(seed: int) -> Sim:
     if rng.random() < 0.5:  # the successor dies too
         sim.at(t + rng.uniform(2.5, 6), (rng.choice(["crash", "off"]), "n1"))
     if rng.random() < 0.3:  # a replica is cut off for a while and comes back
-        sim.at(rng.uniform(0, 8), ("cut", "n2", rng.uniform(0.5, 4)))
+        sim.at(rng.uniform(0, 8), ("cut", "n2", rng.uniform(0.5, 4), rng.random() < 0.5))
     return sim
 
 
@@ -287,9 +296,19 @@ def test_a_cut_off_replica_never_takes_over_from_a_live_coordinator(seed: int) -
     rng = random.Random(seed * 104729)
     sim = Sim(seed, drop=0.0, dup=0.2, max_delay=0.1, idle=rng.choice([0, 1, 2]))
     sim.faults_until = 60.0
-    sim.at(rng.uniform(0.5, 5), ("cut", rng.choice(["n1", "n2"]), rng.uniform(1.5, LEASE - 2)))
+    sim.at(rng.uniform(0.5, 5), ("cut", rng.choice(["n1", "n2"]), rng.uniform(1.5, LEASE - 4), rng.random() < 0.5))
     sim.run(until=30.0)
     assert_nothing_moved(sim)
+
+
+@pytest.mark.parametrize("cut", [0.0, 3.0])
+def test_a_replica_that_lost_its_bus_rejoins_the_coordinator_the_others_hear(cut: float) -> None:
+    """Its link (if cut) comes back but its bus connection does not: the peers' answers send it back."""
+    sim = Sim(seed=5, drop=0.0, dup=0.0)
+    sim.at(1.0, ("cut", "n1", cut, True))
+    sim.run(until=20.0)
+    assert_nothing_moved(sim)
+    assert not sim.nodes["n1"].bus_lost
 
 
 def test_a_replica_cut_off_beyond_the_lease_gives_its_node_back_without_claiming() -> None:
