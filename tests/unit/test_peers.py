@@ -1,0 +1,96 @@
+"""The peer confirmation's I/O half on loopback: `heard` answers from a real daemon's control channel,
+and how `peers.ask` counts answers, refusals and silence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bonjourgrid import peers
+from bonjourgrid.election import Election, PeerAnswer
+from bonjourgrid.envelope import Envelope
+from bonjourgrid.gridkey import GridKey
+from bonjourgrid.node import NodeConfig, NodeDaemon
+from bonjourgrid.wire import request
+
+GRID = "test"
+
+
+def daemon(tmp: Path, key: GridKey, name: str) -> NodeDaemon:
+    return NodeDaemon(NodeConfig(GRID, key, tmp / name, ["127.0.0.1"], 1, 100))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_parse_heard_keeps_only_well_formed_member_answers():
+    ok = peers.parse_heard("p", {"member": True, "epoch": 3, "coordinator": "c", "silent": 0.25})
+    assert ok == PeerAnswer("p", 3, "c", 0.25)
+    for body in ({"member": False}, {"error": "unknown request 'heard'"}, {"refused": True},
+                 {"member": True, "epoch": "3", "coordinator": "c", "silent": 0.1},
+                 {"member": True, "epoch": True, "coordinator": "c", "silent": 0.1},
+                 {"member": True, "epoch": 3, "coordinator": None, "silent": 0.1},
+                 {"member": True, "epoch": 3, "coordinator": "c", "silent": -1},
+                 {"member": True, "epoch": 3, "coordinator": "c", "silent": float("nan")},
+                 {"member": True, "epoch": 3, "coordinator": "c"}):
+        assert peers.parse_heard("p", body) == PeerAnswer("p"), body
+
+
+def test_answer_heard_refuses_a_request_without_a_ce(tmp_path):
+    d = daemon(tmp_path, GridKey.generate(), "a")
+    for body in ({}, {"ce": 3}, {"ce": ""}, {"ce": "x" * 500}, []):
+        with pytest.raises(peers.HeardRequestError, match="malformed heard request"):
+            peers.answer_heard(d, body)  # type: ignore[arg-type]
+
+
+def test_ask_counts_answers_refusals_and_silence(tmp_path):
+    key = GridKey.generate()
+
+    async def scenario() -> tuple[peers.Outcome, dict, dict]:
+        member, stranger = daemon(tmp_path, key, "m"), daemon(tmp_path, key, "s")
+        member.worker = SimpleNamespace(ce="ce1", election=Election("m", "ce1", 2, "c", 1.0, 30.0,
+                                                                    time.monotonic() - 0.7))
+        servers = [await asyncio.start_server(d._serve_client, "127.0.0.1", 0) for d in (member, stranger)]
+
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(1.0)  # accepts, never answers within the timeout: a peer on a dead link
+            writer.close()
+
+        silent = await asyncio.start_server(mute, "127.0.0.1", 0)
+        port = {n: s.sockets[0].getsockname()[1] for n, s in zip(("member", "stranger"), servers, strict=True)}
+        port["silent"], port["closed"] = silent.sockets[0].getsockname()[1], free_port()
+        view = {n: SimpleNamespace(addresses=("127.0.0.1",), port=p) for n, p in port.items()}
+        asker = SimpleNamespace(view=SimpleNamespace(nodes=view), node_id="me",
+                                config=SimpleNamespace(key=key, grid=GRID))
+        try:
+            t0 = time.monotonic()
+            out = await peers.ask(asker, "ce1", "c", ("member", "closed", "silent", "gone"), 0.3)  # type: ignore[arg-type]
+            assert time.monotonic() - t0 < 1.0
+            bad = await request("127.0.0.1", port["stranger"], key, GRID, Envelope("heard", "me", {"ce": 7}))
+            after = await request("127.0.0.1", port["stranger"], key, GRID, Envelope("heard", "me", {"ce": "ce1"}))
+        finally:
+            for s in (*servers, silent):
+                s.close()
+                with contextlib.suppress(Exception):
+                    await s.wait_closed()
+        return out, bad.body, after.body
+
+    out, bad, after = asyncio.run(scenario())
+    by_node = {a.node: a for a in out.answers}
+    assert set(by_node) == {"member", "closed"}  # "silent" timed out, "gone" is not in the view
+    m = by_node["member"]
+    assert (m.epoch, m.coordinator) == (2, "c") and 0.6 < m.silent < 1.0
+    assert by_node["closed"] == PeerAnswer("closed")  # refused: reached, no opinion
+    assert out.asked == 3  # the three peers in the view
+    assert (out.others_asked, out.others_reached) == (1, 1)  # "stranger", not a member, answered
+    assert "malformed heard request" in bad["error"]
+    assert after["member"] is False  # the daemon kept serving after the malformed request
