@@ -117,6 +117,7 @@ class Election:
     data: str | None = None
     workers: tuple[str, ...] = ()  # the CE's workers, as the coordinator last listed them
     done: bool = False  # took over or gave up: this election has nothing more to say
+    claimed: int | None = None  # the epoch we took over with (what we tell a peer that asks)
     _asking: int | None = None  # epoch of the ask in flight
     _asked_at: float = 0.0
     _next_ask: float = 0.0
@@ -190,11 +191,12 @@ class Election:
         alive = [a.node for a in answers if self._says_alive(a)]
         if alive:
             self._next_ask = now + self.timeout
-            return [Hold(f"{len(alive)} of {len(answers)} peer(s) answering still hear the coordinator", True)]
+            return [Hold(f"{len(alive)} of {len(answers)} peer(s) answering still hear the coordinator "
+                         "(or follow a newer one)", True)]
         if answers or others_reached or (asked == 0 and others_asked == 0):
             self._tried.add(epoch)
-            self.done = True
-            return [TakeOver(self.epoch + rank)]
+            self.done, self.claimed = True, self.epoch + rank
+            return [TakeOver(self.claimed)]
         self._next_ask = now + self.timeout
         return [Hold(f"none of the {asked + others_asked} node(s) asked answered: we may be cut off", False)]
 

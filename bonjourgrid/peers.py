@@ -45,10 +45,13 @@ def answer_heard(daemon: NodeDaemon, body: dict[str, Any]) -> dict[str, Any]:
     if coord is not None and coord.state in ("starting", "running") and not coord.stepped_down:
         return {"ce": ce, "member": True, "coordinator": daemon.node_id, "epoch": coord.epoch, "silent": 0.0}
     worker = daemon.worker
-    if worker is not None and worker.ce == ce and not worker.election.done:
+    if worker is not None and worker.ce == ce:
         e = worker.election
-        return {"ce": ce, "member": True, "coordinator": e.coordinator, "epoch": e.epoch,
-                "silent": round(e.silent_for(time.monotonic()), 3)}
+        if e.claimed is not None:  # taking over right now: the CE is not up yet, the claim is made
+            return {"ce": ce, "member": True, "coordinator": daemon.node_id, "epoch": e.claimed, "silent": 0.0}
+        if not e.done:
+            return {"ce": ce, "member": True, "coordinator": e.coordinator, "epoch": e.epoch,
+                    "silent": round(e.silent_for(time.monotonic()), 3)}
     return {"ce": ce, "member": False}
 
 

@@ -66,7 +66,7 @@ def test_peers_that_do_not_hear_it_either_confirm_the_takeover():
     a = ask(e, 1.0)
     answers = [PeerAnswer("r2", 1, "c", 1.0), PeerAnswer("w3", 1, "c", 0.5), PeerAnswer("w4")]  # w4: not a member
     assert e.peers_answered(a.epoch, answers, 3, 1.02) == [TakeOver(2)]
-    assert e.done and e.tick(5.0) == [] and e.tick(100.0) == []
+    assert e.done and e.claimed == 2 and e.tick(5.0) == [] and e.tick(100.0) == []
 
 
 def test_rank_two_takes_over_with_epoch_plus_two():

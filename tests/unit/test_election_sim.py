@@ -173,6 +173,8 @@ class Sim:
         if nd.coordinating is not None:
             return PeerAnswer(nd.name, nd.coordinating, nd.name, 0.0)
         e = nd.election
+        if e is not None and e.claimed is not None:
+            return PeerAnswer(nd.name, e.claimed, nd.name, 0.0)
         if e is None or e.done:
             return PeerAnswer(nd.name)
         return PeerAnswer(nd.name, e.epoch, e.coordinator, e.silent_for(self.now))

@@ -94,3 +94,21 @@ def test_ask_counts_answers_refusals_and_silence(tmp_path):
     assert (out.others_asked, out.others_reached) == (1, 1)  # "stranger", not a member, answered
     assert "malformed heard request" in bad["error"]
     assert after["member"] is False  # the daemon kept serving after the malformed request
+
+
+def test_answer_heard_from_a_coordinator_a_taking_over_replica_a_worker_and_a_stranger(tmp_path):
+    d = daemon(tmp_path, GridKey.generate(), "a")
+    assert peers.answer_heard(d, {"ce": "ce1"}) == {"ce": "ce1", "member": False}
+    e = Election("a", "ce1", 1, "c", 1.0, 30.0, time.monotonic() - 2.0)
+    d.worker = SimpleNamespace(ce="ce1", election=e)
+    r = peers.answer_heard(d, {"ce": "ce1"})
+    assert (r["member"], r["epoch"], r["coordinator"]) == (True, 1, "c") and 1.9 < r["silent"] < 3
+    assert peers.answer_heard(d, {"ce": "other"})["member"] is False
+    e.done, e.claimed = True, 2  # took over, its CE not started yet: the claim already counts
+    assert peers.answer_heard(d, {"ce": "ce1"}) == {"ce": "ce1", "member": True, "coordinator": d.node_id,
+                                                    "epoch": 2, "silent": 0.0}
+    d.worker = None
+    d.ces["ce1"] = SimpleNamespace(state="running", stepped_down=False, epoch=2)  # type: ignore[assignment]
+    assert peers.answer_heard(d, {"ce": "ce1"})["coordinator"] == d.node_id
+    d.ces["ce1"] = SimpleNamespace(state="moved", stepped_down=True, epoch=2)  # type: ignore[assignment]
+    assert peers.answer_heard(d, {"ce": "ce1"})["member"] is False
