@@ -98,6 +98,7 @@ class CoordinatorCE:
         self._first_result_logged = False
         self._last_probe = 0.0
         self._finisher: asyncio.Task[None] | None = None
+        self.last_beat = time.monotonic()  # last heartbeat that reached the broker (a replica may ask)
 
     # ------------------------------------------------------------ lifecycle --
 
@@ -378,7 +379,7 @@ class CoordinatorCE:
         while True:
             try:
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("hb", self._membership()), qos=0)
-                now = time.monotonic()
+                now = self.last_beat = time.monotonic()
                 silent = [n for n in self.dispatch.workers if now - self.last_seen.get(n, now) > self.worker_timeout_s]
                 for node in silent:
                     await self.worker_lost(node, f"silent for {self.worker_timeout_s:g}s")

@@ -13,14 +13,23 @@ the one that is down (a flapping desktop). So a replica whose turn comes first
 asks the CE's other workers (`AskPeers`) whether they still hear the coordinator,
 and takes over only on evidence that it is gone for them too (`peers_answered`):
 
+* a peer saw the CE end (released at the end of the job): the job is over, our
+  copy of the journal is stale; leave the CE (no zombie coordinator);
 * a peer follows a higher claim, or heard our coordinator less than timeout/2
-  ago: the coordinator is alive and we are the one cut off; hold, ask again one
-  timeout later (the lease still ends it);
-* some peer answered and none says alive: take over;
-* nobody answered: if some other node of the grid answered, we are not isolated
-  (the peers died with the coordinator): take over; if we asked somebody and
-  nobody at all answered, we are probably isolated: hold and ask again; if
+  ago (or was released by it that recently): the coordinator is alive and we
+  are the one cut off; hold, ask again one timeout later (the lease still ends it);
+* a member that follows our coordinator has not heard it for timeout/2 or more
+  either, and nobody says alive: take over;
+* only answers without an opinion (a refused connection: that daemon is gone,
+  but our link works; a node outside the CE): we are not isolated, the peers
+  died with the coordinator; take over, once a second round right away says
+  the same (the first may have raced our link coming back);
+* nobody answered at all: we are probably isolated; hold and ask again; if
   there was nobody to ask, take over (nothing better is knowable).
+
+When no peer can tell (`wants_coordinator`: none is a member, saw the end, or
+left the CE just now), the coordinator's own answer counts too, like a peer's:
+how long since it last managed to beat, or that the CE ended.
 
 Epochs fence: a heartbeat, or a coordinator seen, with an epoch lower than the
 one we follow is ignored, so a deposed coordinator that comes back is never
@@ -58,7 +67,10 @@ class Reattach:
 
 @dataclass(frozen=True)
 class GiveUp:
-    """Nobody took over within the lease: the node goes back to Idle."""
+    """Nobody took over within the lease (or the CE ended without us): the node goes back to Idle."""
+
+    reason: str = ""
+    ended: bool = False  # a peer saw the job end
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,8 @@ Action = TakeOver | Reattach | GiveUp | AskPeers | Hold
 class PeerAnswer:
     """What one asked peer said: the claim it follows and how long since it last heard it.
 
-    `epoch` None: the peer is not (or no longer) a member of this CE, its daemon is gone (its host
+    `member` False: it left the CE that long ago, released by that claim (`ended`: at the end of
+    the job) or giving up. `epoch` None: it knows nothing of this CE, its daemon is gone (its host
     refused the connection), or its answer was unusable; it was reached all the same.
     """
 
@@ -96,6 +109,8 @@ class PeerAnswer:
     epoch: int | None = None
     coordinator: str | None = None
     silent: float | None = None
+    member: bool = True
+    ended: bool = False
 
 
 def supersedes(epoch: int, node: str, than_epoch: int, than_node: str) -> bool:
@@ -121,6 +136,7 @@ class Election:
     _asking: int | None = None  # epoch of the ask in flight
     _asked_at: float = 0.0
     _next_ask: float = 0.0
+    _unconfirmed: bool = False  # the last round reached somebody but nobody with an opinion
     _tried: set[int] = field(default_factory=set)
 
     @property
@@ -136,7 +152,7 @@ class Election:
         actions: list[Action] = []
         if (epoch, coordinator) != (self.epoch, self.coordinator):
             actions.append(Reattach(coordinator, epoch, self.bus, self.data))
-            self.workers = ()  # the old coordinator's list says nothing about the new CE
+            self._new_coordinator(coordinator)
         self.epoch, self.coordinator, self.last_heartbeat = epoch, coordinator, max(self.last_heartbeat, now)
         if replicas is not None:
             self.replicas = replicas
@@ -151,8 +167,22 @@ class Election:
             return []
         self.epoch, self.coordinator, self.bus, self.data = epoch, coordinator, bus, data
         self.last_heartbeat = now  # a fresh coordinator: give it a full timeout to start beating
-        self.workers = ()
+        self._new_coordinator(coordinator)
         return [Reattach(coordinator, epoch, bus, data)]
+
+    def _new_coordinator(self, coordinator: str) -> None:
+        """Until its first heartbeat: a successor keeps the old replicas, in order (`jobs.take_over`)."""
+        self.replicas = tuple(r for r in self.replicas if r != coordinator)
+        self.workers = ()  # the old coordinator's list says nothing about the new CE
+
+    def wants_coordinator(self, answers: Sequence[PeerAnswer]) -> bool:
+        """Does the coordinator's own answer matter? Only when no peer can tell whether it is gone now.
+
+        A peer that left the CE long ago (released as the CE shrank) cannot. The I/O layer asks the
+        coordinator along with the peers but waits for it only then, so a switched-off coordinator
+        (no answer, no refusal) delays no takeover that the peers confirm.
+        """
+        return not any(a.epoch is not None and (a.member or a.ended or self._recent(a)) for a in answers)
 
     def silent_for(self, now: float) -> float:
         """Seconds since we last heard the coordinator we follow (what we tell a peer that asks)."""
@@ -188,22 +218,28 @@ class Election:
         rank = self.rank
         if epoch != self.epoch or rank is None or now - self.last_heartbeat < rank * self.timeout:
             return []  # the coordinator was heard (or replaced) meanwhile: nothing to decide
-        alive = [a.node for a in answers if self._says_alive(a)]
-        if alive:
-            self._next_ask = now + self.timeout
-            return [Hold(f"{len(alive)} of {len(answers)} peer(s) answering still hear the coordinator "
-                         "(or follow a newer one)", True)]
-        if answers or others_reached or (asked == 0 and others_asked == 0):
+        claims = [a for a in answers if a.epoch is not None and a.coordinator is not None]
+        if any(a.ended and not supersedes(self.epoch, self.coordinator, a.epoch, a.coordinator) for a in claims):
+            self.done = True
+            return [GiveUp("the CE ended while we did not hear it", ended=True)]
+        ours = [a for a in claims if (a.epoch, a.coordinator) == (self.epoch, self.coordinator)]
+        newer = [a for a in claims if supersedes(a.epoch, a.coordinator, self.epoch, self.coordinator)]
+        hear = [a for a in ours if self._recent(a)]
+        if newer or hear:
+            self._next_ask, self._unconfirmed = now + self.timeout, False
+            what = f"{len(hear)} still hear(s) the coordinator" if hear else f"{len(newer)} follow(s) a newer one"
+            return [Hold(f"{what}, of {len(answers)} node(s) answering", bool(hear))]
+        confirmed = any(a.member for a in ours)  # silent for them too
+        reached = bool(answers) or others_reached > 0
+        if confirmed or (reached and self._unconfirmed) or (asked == 0 and others_asked == 0):
             self._tried.add(epoch)
             self.done, self.claimed = True, self.epoch + rank
             return [TakeOver(self.claimed)]
-        self._next_ask = now + self.timeout
+        if reached:
+            self._next_ask, self._unconfirmed = now, True
+            return [Hold("only nodes without an opinion answered: asking again at once to be sure", False)]
+        self._next_ask, self._unconfirmed = now + self.timeout, False
         return [Hold(f"none of the {asked + others_asked} node(s) asked answered: we may be cut off", False)]
 
-    def _says_alive(self, a: PeerAnswer) -> bool:
-        if a.epoch is None or a.coordinator is None:
-            return False
-        if supersedes(a.epoch, a.coordinator, self.epoch, self.coordinator):
-            return True  # it follows a newer claim: someone took over already, and it is not us
-        same = (a.epoch, a.coordinator) == (self.epoch, self.coordinator)
-        return same and a.silent is not None and a.silent < self.timeout / 2
+    def _recent(self, a: PeerAnswer) -> bool:
+        return a.silent is not None and a.silent < self.timeout / 2

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from .gridview import GridView, NodeRecord
 from .localnode import NODE_FILE
 from .mdns import Browser, Publisher, open_zeroconf
 from .ownerpolicy import OwnerMonitor, OwnerPolicy
-from .peers import HeardRequestError, answer_heard
+from .peers import HeardRequestError, LeftCE, answer_heard
 from .resources import AnnounceThrottle, ResourceProbe, Resources, ThrottlePolicy
 from .wire import frame, read_frame
 from .worker import WorkerCE
@@ -120,6 +121,7 @@ class NodeDaemon:
         self._background: set[asyncio.Task[Any]] = set()
         self.ces: dict[str, CoordinatorCE] = {}  # CEs this node coordinates or coordinated
         self.worker: WorkerCE | None = None
+        self.left_ces: OrderedDict[str, LeftCE] = OrderedDict()  # how we left recent CEs (for `heard`)
         self._publisher: Publisher | None = None
         self._server: asyncio.Server | None = None
         self.port = config.port

@@ -56,6 +56,8 @@ class WorkerCE:
                                  lease_s, time.monotonic())
         self.replica = ReplicaStore(daemon.config.state_dir / "ces" / ce, self.key, ce)
         self.released = False
+        self.ended = False  # released at the end of the job (not alone, as the CE shrank)
+        self._released_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._asking: asyncio.Task[None] | None = None
 
@@ -109,6 +111,10 @@ class WorkerCE:
                     await self.bus.close()
             await asyncio.to_thread(self.replica.close)
             shutil.rmtree(self.dir, ignore_errors=True)
+            e = self.election
+            if e.claimed is None:  # a replica that took over answers as the coordinator instead
+                peers.remember_left(self.daemon, self.ce, peers.LeftCE(
+                    e.epoch, e.coordinator, self._released_at or e.last_heartbeat, self.ended))
             if self.daemon.worker is self:
                 self.daemon.worker = None
             if not self.daemon.stopping:
@@ -162,14 +168,17 @@ class WorkerCE:
                 if action.alive and (self.bus is None or not self.bus.connected):
                     await self._rejoin()
             elif isinstance(action, GiveUp):
-                log.warning("CE %s: no coordinator for %gs: leaving the CE", self.ce, self.lease_s)
+                log.warning("CE %s: %s: leaving the CE", self.ce,
+                            action.reason or f"no coordinator for {self.lease_s:g}s")
+                self.ended = action.ended
                 await self.daemon.feed(ns.Release(self.ce, self.epoch))
 
     async def _ask_peers(self, ask: AskPeers) -> None:
         """Does the coordinator look gone to the others too? The election decides from the answers."""
         timeout = self.election.timeout / 2
         try:
-            out = await peers.ask(self.daemon, self.ce, self.election.coordinator, ask.peers, timeout)
+            out = await peers.ask(self.daemon, self.ce, self.election.coordinator, ask.peers, timeout,
+                                  self.election.wants_coordinator)
         except Exception:  # never leave the election waiting: an ask that failed is an ask nobody answered
             log.exception("CE %s: asking the peers failed", self.ce)
             out = peers.Outcome((), len(ask.peers), 0, 0)
@@ -243,7 +252,7 @@ class WorkerCE:
             return
         if env.kind == "release":
             log.info("CE %s: released (%s)", self.ce, env.body.get("reason") or env.body.get("state", ""))
-            self.released = True
+            self.released, self.ended, self._released_at = True, "state" in env.body, now
             await self.daemon.feed(ns.Release(self.ce, self.epoch))
         elif env.kind == "rep":
             await self._replicate(env.body)

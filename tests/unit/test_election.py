@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from bonjourgrid.election import MAX_ASKED, AskPeers, Election, GiveUp, Hold, PeerAnswer, Reattach, TakeOver
+from bonjourgrid.election import (
+    MAX_ASKED,
+    AskPeers,
+    Election,
+    GiveUp,
+    Hold,
+    PeerAnswer,
+    Reattach,
+    TakeOver,
+)
 
 T = 1.0
 
@@ -51,17 +60,28 @@ def test_a_peer_following_a_newer_claim_means_someone_else_took_over():
     e = replica(2)
     a = ask(e, 2.0)
     out = e.peers_answered(a.epoch, [PeerAnswer("w3", 2, "r1", 1.9)], 3, 2.01)
-    assert isinstance(out[0], Hold) and out[0].alive
+    assert isinstance(out[0], Hold) and not out[0].alive  # alive, but not ours: nothing to reconnect to
+    assert not e.done
+
+
+def twice(e: Election, now: float, answers: list[PeerAnswer], asked: int = 3, others_asked: int = 0,
+          others_reached: int = 0) -> list:
+    """Answers without an opinion: the first round holds and asks again at once; the second decides."""
+    a = ask(e, now)
+    first = e.peers_answered(a.epoch, answers, asked, now + 0.01, others_asked, others_reached)
+    assert len(first) == 1 and isinstance(first[0], Hold) and not first[0].alive, first
+    assert not e.done
+    a = ask(e, now + 0.05)
+    return e.peers_answered(a.epoch, answers, asked, now + 0.06, others_asked, others_reached)
 
 
 def test_a_peer_following_an_older_claim_says_nothing_about_ours():
     e = replica(1)
     e.coordinator_seen(3, "x", "mqtt://x", None, 0.0)
-    a = ask(e, 1.0)
-    assert e.peers_answered(a.epoch, [PeerAnswer("w3", 1, "c", 0.0)], 3, 1.01) == [TakeOver(4)]
+    assert twice(e, 1.0, [PeerAnswer("w3", 1, "c", 0.0)]) == [TakeOver(4)]
 
 
-def test_peers_that_do_not_hear_it_either_confirm_the_takeover():
+def test_peers_that_do_not_hear_it_either_confirm_the_takeover_at_once():
     e = replica(1)
     a = ask(e, 1.0)
     answers = [PeerAnswer("r2", 1, "c", 1.0), PeerAnswer("w3", 1, "c", 0.5), PeerAnswer("w4")]  # w4: not a member
@@ -81,9 +101,19 @@ def test_nobody_answering_means_we_are_probably_the_isolated_one():
     out = e.peers_answered(a.epoch, [], 3, 1.5, others_asked=2, others_reached=0)
     assert isinstance(out[0], Hold) and not out[0].alive
     assert e.tick(2.0) == []
-    a2 = ask(e, 2.5)
     # the link came back, the peers died with the coordinator, but another node of the grid answers
-    assert e.peers_answered(a2.epoch, [], 3, 2.6, others_asked=2, others_reached=1) == [TakeOver(2)]
+    assert twice(e, 2.5, [], others_asked=2, others_reached=1) == [TakeOver(2)]
+
+
+def test_refusals_alone_take_two_rounds_and_a_silent_round_in_between_starts_over():
+    e = replica(1)
+    refused = [PeerAnswer("r2"), PeerAnswer("w3")]  # their daemons died with the coordinator
+    a = ask(e, 1.0)
+    assert isinstance(e.peers_answered(a.epoch, refused, 3, 1.01)[0], Hold)
+    a = ask(e, 1.05)
+    assert isinstance(e.peers_answered(a.epoch, [], 3, 1.55)[0], Hold)  # our link went down again
+    assert e.tick(2.0) == []
+    assert twice(e, 2.6, refused) == [TakeOver(2)]
 
 
 def test_with_nobody_to_ask_at_all_we_take_over():
@@ -138,15 +168,60 @@ def test_the_lease_still_ends_a_replica_that_keeps_being_told_the_coordinator_li
     assert 12.0 <= now < 12.1
 
 
-def test_a_new_coordinator_forgets_the_old_ones_workers():
-    e = replica(1)
-    assert e.heartbeat(2, "r2", 0.5) == [Reattach("r2", 2, None, None)]
-    assert e.workers == ()
-    e.heartbeat(2, "r2", 0.6, workers=("r1", "w9"))
-    assert ask(e, 1.6).peers == ("w9",)
+def test_a_new_coordinator_forgets_the_old_ones_workers_and_ranks_the_old_replicas_as_a_successor_does():
+    e = replica(2)
+    assert e.heartbeat(2, "r1", 0.5) == [Reattach("r1", 2, None, None)]
+    assert e.workers == () and e.replicas == ("r2",) and e.rank == 1  # jobs.take_over keeps them, in order
+    e.heartbeat(2, "r1", 0.6, workers=("r2", "w9"))
+    assert ask(e, 1.6) == AskPeers(2, ("w9",))
+    e = replica(2)
+    e.coordinator_seen(3, "r1", "mqtt://r1", None, 0.5)
+    assert e.replicas == ("r2",) and e.workers == ()
 
 
 def test_workers_and_non_replicas_never_ask():
     e = Election("w3", "ce", 1, "c", T, 12.0, 0.0, replicas=("r1", "r2"), workers=("r1", "r2", "w3"))
     assert all(not isinstance(a, AskPeers) for t in range(1, 120) for a in e.tick(t / 10))
     assert e.tick(12.0) == [GiveUp()]
+
+
+def test_a_peer_released_at_the_end_of_the_job_sends_us_home_instead_of_taking_over():
+    e = replica(1)
+    a = ask(e, 1.0)
+    ended = PeerAnswer("w3", 1, "c", 4.0, member=False, ended=True)
+    out = e.peers_answered(a.epoch, [PeerAnswer("w4"), ended], 3, 1.1)
+    assert len(out) == 1 and isinstance(out[0], GiveUp) and "ended" in out[0].reason
+    assert e.done and e.claimed is None
+
+
+def test_an_end_under_an_older_claim_does_not_count():
+    e = replica(1)
+    e.coordinator_seen(3, "x", "mqtt://x", None, 0.0)
+    assert twice(e, 1.0, [PeerAnswer("w3", 1, "c", 0.1, member=False, ended=True)]) == [TakeOver(4)]
+
+
+def test_a_peer_released_just_now_shows_the_coordinator_alive_one_released_long_ago_shows_nothing():
+    e = replica(1)
+    a = ask(e, 1.0)
+    out = e.peers_answered(a.epoch, [PeerAnswer("w3", 1, "c", 0.2, member=False)], 3, 1.1)
+    assert isinstance(out[0], Hold) and out[0].alive
+    assert twice(e, 2.2, [PeerAnswer("w3", 1, "c", 9.0, member=False)]) == [TakeOver(2)]
+
+
+def test_the_coordinator_answering_for_itself_counts_like_a_peer():
+    e = replica(1)
+    a = ask(e, 1.0)
+    out = e.peers_answered(a.epoch, [PeerAnswer("c", 1, "c", 0.05)], 1, 1.1)  # it beats: our bus is the problem
+    assert isinstance(out[0], Hold) and out[0].alive
+    a = ask(e, 2.2)
+    assert e.peers_answered(a.epoch, [PeerAnswer("c", 1, "c", 2.0)], 1, 2.3) == [TakeOver(2)]  # it cannot beat
+
+
+def test_the_coordinator_is_waited_for_only_when_no_peer_can_tell():
+    wants = replica(1).wants_coordinator
+    assert wants([])
+    assert wants([PeerAnswer("w3"), PeerAnswer("w4")])  # refused, strangers
+    assert wants([PeerAnswer("w4", 1, "c", 9.0, member=False)])  # released long ago, as the CE shrank
+    assert not wants([PeerAnswer("w3"), PeerAnswer("w4", 1, "c", 1.0)])  # a member
+    assert not wants([PeerAnswer("w4", 1, "c", 0.1, member=False)])  # released just now
+    assert not wants([PeerAnswer("w4", 1, "c", 9.0, member=False, ended=True)])  # saw the end

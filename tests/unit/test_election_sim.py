@@ -5,14 +5,16 @@ replicas' asks to their peers and the answers. Coordinators crash (the process o
 still refuses connections) or are switched off (silence), and a node may be cut off for a
 while and come back, maybe with its bus connection gone (it hears no heartbeat until a Hold
 that says the coordinator lives makes it reconnect, as `WorkerCE._rejoin` does). Idle nodes
-outside the CE answer asks (they only show whether the asker is isolated). Invariants:
+outside the CE answer asks (they only show whether the asker is isolated). The coordinator may
+release workers one by one (the CE shrinks) or end the job (releases everybody). Invariants:
 
 * fencing: a node never follows a claim (epoch, coordinator) lower than one it followed before;
 * unique claims: no two nodes ever take over with the same epoch;
 * convergence: once faults stop, every live node follows the same live coordinator, and exactly
   one live node acts as coordinator; or, when no replica survived, every worker gave its node
   back within its lease (no orphans);
-* a replica cut off while the coordinator is alive and heard by the others never takes over.
+* a replica cut off while the coordinator is alive and heard by the others never takes over;
+* a replica cut off while the job ends never takes over (no zombie CE).
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bonjourgrid.election import AskPeers, Election, GiveUp, Hold, PeerAnswer, Reattach, TakeOver, supersedes
+from bonjourgrid.election import (
+    AskPeers,
+    Election,
+    GiveUp,
+    Hold,
+    PeerAnswer,
+    Reattach,
+    TakeOver,
+    supersedes,
+)
+from bonjourgrid.replication import choose_replicas
 
 TIMEOUT = 1.0
 LEASE = 12.0
@@ -41,8 +53,10 @@ class Ask:
     epoch: int
     peers: tuple[str, ...]
     others: tuple[str, ...]
+    coordinator: str
     answers: dict[str, PeerAnswer] = field(default_factory=dict)
     reached: set[str] = field(default_factory=set)
+    boss: PeerAnswer | None = None  # the coordinator's answer (used only if no peer knows anything)
 
 
 @dataclass
@@ -59,6 +73,9 @@ class Node:
     followed: list[tuple[int, str]] = field(default_factory=list)
     gave_up: bool = False
     asking: Ask | None = None
+    last_beat: float = 0.0  # as coordinator
+    ended: int | None = None  # as coordinator: the epoch at which it ended the job
+    left: PeerAnswer | None = None  # how it left the CE (released), as it tells an asker; silent = when
 
 
 class Sim:
@@ -81,6 +98,7 @@ class Sim:
             nd.election = Election(x, "ce", 1, names[0], TIMEOUT, LEASE, 0.0, replicas=coord.replicas)
             nd.followed.append((1, names[0]))
         self.claims: dict[int, set[str]] = {1: {names[0]}}
+        self.released: set[str] = set()  # workers the first coordinator released
         self.claim_log: list[tuple[float, str, int]] = []
 
     @property
@@ -119,7 +137,8 @@ class Sim:
         elif kind == "beat":
             for nd in self.members:
                 if nd.coordinating is not None and self.reachable(nd.name):
-                    workers = tuple(m.name for m in self.members if m is not nd)
+                    nd.last_beat = self.now
+                    workers = tuple(m.name for m in self.members if m is not nd and m.name not in self.released)
                     for other in workers:
                         self.send(nd.name, other, ("hb", nd.coordinating, nd.name, nd.replicas, workers))
             self.at(self.now + HB, ("beat",))
@@ -137,6 +156,15 @@ class Sim:
             self.nodes[what[1]].alive = False
         elif kind == "off":
             self.nodes[what[1]].alive = self.nodes[what[1]].host_up = False
+        elif kind in ("finish", "release_one"):
+            nd = self.nodes[what[1]]
+            if nd.alive and nd.coordinating is not None:
+                ended = kind == "finish"
+                for other in (m.name for m in self.members if m is not nd) if ended else what[2:]:
+                    self.released.add(other)
+                    self.send(nd.name, other, ("release", nd.coordinating, nd.name, ended))
+                if ended:
+                    nd.ended, nd.coordinating = nd.coordinating, None
         elif kind == "cut":
             self.nodes[what[1]].cut_off_until = self.now + what[2]
             self.nodes[what[1]].bus_lost = bool(what[3:] and what[3])
@@ -149,9 +177,20 @@ class Sim:
         if kind in ("heard", "refused"):
             ask = nd.asking
             if ask is not None and ask.id == msg[1]:
+                answer = msg[2] if kind == "heard" else PeerAnswer(src)
                 if src in ask.peers and src not in ask.answers:
-                    ask.answers[src] = msg[2] if kind == "heard" else PeerAnswer(src)
+                    ask.answers[src] = answer
+                elif src in ask.others and answer.epoch is not None:
+                    ask.answers[src] = answer  # as `peers.ask`: an "other" that knows the CE counts as a peer
+                elif src == ask.coordinator:
+                    ask.boss = answer
                 ask.reached.add(src)
+            return
+        if kind == "release":
+            e = nd.election
+            if e is not None and not e.done and (msg[1], msg[2]) == (e.epoch, e.coordinator):
+                nd.left = PeerAnswer(nd.name, msg[1], msg[2], self.now, member=False, ended=msg[3])
+                nd.election = None
             return
         epoch, coord = msg[1], msg[2]
         if nd.coordinating is not None:
@@ -171,13 +210,19 @@ class Sim:
     def heard(self, nd: Node) -> PeerAnswer:
         """What `peers.answer_heard` says on this node."""
         if nd.coordinating is not None:
-            return PeerAnswer(nd.name, nd.coordinating, nd.name, 0.0)
+            return PeerAnswer(nd.name, nd.coordinating, nd.name, self.now - nd.last_beat)
+        if nd.ended is not None:
+            return PeerAnswer(nd.name, nd.ended, nd.name, 0.0, member=False, ended=True)
         e = nd.election
         if e is not None and e.claimed is not None:
             return PeerAnswer(nd.name, e.claimed, nd.name, 0.0)
-        if e is None or e.done:
-            return PeerAnswer(nd.name)
-        return PeerAnswer(nd.name, e.epoch, e.coordinator, e.silent_for(self.now))
+        if e is not None and not e.done:
+            return PeerAnswer(nd.name, e.epoch, e.coordinator, e.silent_for(self.now))
+        if nd.left is not None:
+            assert nd.left.silent is not None
+            return PeerAnswer(nd.name, nd.left.epoch, nd.left.coordinator, self.now - nd.left.silent,
+                              member=False, ended=nd.left.ended)
+        return PeerAnswer(nd.name)
 
     def decide(self, nd: Node, ask_id: int) -> None:
         ask = nd.asking
@@ -185,8 +230,12 @@ class Sim:
             return
         nd.asking = None
         others_reached = len(ask.reached & set(ask.others))
-        self.apply(nd, nd.election.peers_answered(ask.epoch, list(ask.answers.values()), len(ask.peers),
-                                                  self.now, len(ask.others), others_reached))
+        answers, asked = list(ask.answers.values()), len(ask.peers)
+        if nd.election.wants_coordinator(answers):  # as `peers.ask`: the coordinator's answer, waited for only then
+            asked += 1
+            answers += [ask.boss] if ask.boss is not None else []
+        self.apply(nd, nd.election.peers_answered(ask.epoch, answers, asked, self.now, len(ask.others),
+                                                  others_reached))
 
     def step_down(self, nd: Node, epoch: int, coord: str) -> None:
         nd.coordinating = None
@@ -207,8 +256,8 @@ class Sim:
                 assert nd.election is not None
                 skip = {*a.peers, nd.name, nd.election.coordinator}
                 others = tuple(x for x in sorted(self.nodes) if x not in skip)[:OTHERS]
-                nd.asking = Ask(next(self.ask_ids), a.epoch, a.peers, others)
-                for x in a.peers + others:
+                nd.asking = Ask(next(self.ask_ids), a.epoch, a.peers, others, nd.election.coordinator)
+                for x in (*a.peers, *others, nd.election.coordinator):
                     self.send(nd.name, x, ("ask", nd.asking.id))
                 self.at(self.now + TIMEOUT / 2, ("decide", nd.name, nd.asking.id))
             elif isinstance(a, TakeOver):
@@ -216,8 +265,10 @@ class Sim:
                 self.claim_log.append((self.now, nd.name, a.epoch))
                 nd.coordinating, nd.asking = a.epoch, None
                 nd.followed.append((a.epoch, nd.name))
-                others = [m.name for m in self.members if m is not nd and m.alive]
-                nd.replicas = tuple(others[:K])
+                # as `jobs.take_over` then `choose_replicas` on the workers' hellos (alive: they say hello)
+                assert nd.election is not None
+                kept = [r for r in nd.election.replicas if r != nd.name]
+                nd.replicas = tuple(choose_replicas(kept, [m.name for m in self.members if m is not nd and m.alive], K))
                 for other in self.nodes:
                     if other != nd.name:
                         self.send(nd.name, other, ("seen", a.epoch, nd.name))
@@ -347,3 +398,33 @@ def test_a_refusing_host_proves_the_link_works() -> None:
     sim.at(1.0, ("crash", "n2"))
     sim.run(until=20.0)
     assert sim.nodes["n1"].coordinating == 2
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_a_replica_cut_off_while_the_job_ends_never_resurrects_the_ce(seed: int) -> None:
+    """The job ends while a replica hears nothing: when it can ask again, its peers (or the old
+    coordinator, when the CE had shrunk to the replica alone) tell it so, and it goes home."""
+    rng = random.Random(seed * 15485863)
+    sim = Sim(seed, drop=0.0, dup=0.2, max_delay=0.1, idle=rng.choice([0, 1]))
+    sim.faults_until = 60.0
+    victim = rng.choice(["n1", "n2"])
+    if rng.random() < 0.5:  # the CE shrank to the replica alone before the end
+        sim.at(0.5, ("release_one", "n0", *(x for x in ("n1", "n2", "n3", "n4", "n5") if x != victim)))
+    t = rng.uniform(1, 4)
+    sim.at(t, ("cut", victim, rng.uniform(1.5, 6), rng.random() < 0.5))
+    sim.at(t + rng.uniform(0.1, 1.2), ("finish", "n0"))
+    sim.run(until=40.0)
+    assert sim.claims == {1: {"n0"}}, sim.claim_log
+    nd = sim.nodes[victim]
+    assert nd.gave_up or (nd.left is not None and nd.left.ended), (nd.followed, nd.gave_up, nd.left)
+
+
+def test_a_replica_alone_in_a_shrunk_ce_asks_the_coordinator_itself() -> None:
+    """Its peers were released long ago and know nothing; the coordinator says it still beats."""
+    sim = Sim(seed=6, drop=0.0, dup=0.0)
+    sim.at(0.5, ("release_one", "n0", "n2", "n3", "n4", "n5"))
+    sim.at(2.0, ("cut", "n1", 3.0, True))
+    sim.run(until=20.0)
+    assert sim.claims == {1: {"n0"}}, sim.claim_log
+    assert sim.nodes["n1"].followed == [(1, "n0")] and not sim.nodes["n1"].gave_up
+    assert not sim.nodes["n1"].bus_lost  # it reconnected
