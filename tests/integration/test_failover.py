@@ -189,7 +189,7 @@ def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tm
     nodes = g.start_all(*FAST)
     wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
     res = tmp_path / "res"
-    sub = start_job(nodes[0], res, 150, 0.15)
+    sub = start_job(nodes[0], res, 300, 0.15)  # long enough to outlast the flaps
     (replica,) = replicas_of(nodes[0], nodes, 1)
     wait_for(lambda: done_count(nodes[0]) >= 15, 60, 0.2, "a part of the job to be done")
     for _ in range(2):
@@ -199,9 +199,9 @@ def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tm
         time.sleep(2.0)
     wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
     assert sub.popen.returncode == 0, sub.output()[-3000:]
-    summary = check_results(res, 150)
+    summary = check_results(res, 300)
     assert summary["epoch"] == 1
-    assert results_recorded_once(nodes[0], summary["job"], 150) == 1
+    assert results_recorded_once(nodes[0], summary["job"], 300) == 1
     assert "not taking over" in replica.proc.output()  # it did reach its turn, and held
     for n in nodes:
         assert "taking over with epoch" not in n.proc.output(), n.host.name
@@ -228,3 +228,29 @@ def test_coordinator_and_first_replica_killed_together_the_second_takes_over(gri
     summary = check_results(res, 150)
     assert who_coordinates(nodes) is second
     assert results_recorded_once(second, summary["job"], 150) == 3
+
+
+def test_replica_cut_off_while_the_job_ends_does_not_resurrect_it(grid, tmp_path):
+    """The job ends while the rank-1 replica's link is down: when it comes back (within the lease),
+    its released peers tell it the CE is over, and it goes home instead of taking over."""
+    g = grid(4)
+    nodes = g.start_all("--cpus", "1", "--failover-timeout", "1", "--lease", "30")
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 60, 0.15)
+    (replica,) = replicas_of(nodes[0], nodes, 1)
+    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    replica.host.link_down()
+    try:
+        wait_for(lambda: not sub.alive(), 120, 0.5, "submit to end without the replica")
+    finally:
+        replica.host.link_up()
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 60)
+    assert summary["epoch"] == 1
+    wait_for(lambda: "the CE ended while we did not hear it" in replica.proc.output(), 30, 0.2,
+             "the replica to learn that the job ended")
+    wait_for(lambda: nodes[0].sees().get(replica.host.name) == "idle", 30, 0.3, "the replica back to idle")
+    for n in nodes:
+        assert "taking over with epoch" not in n.proc.output(), n.host.name
+    assert results_recorded_once(nodes[0], summary["job"], 60) == 1
