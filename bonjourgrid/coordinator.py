@@ -177,7 +177,6 @@ class CoordinatorCE:
         self.started_at = row.created_at
         inputs = self.dir / "inputs.json"
         self.inputs = json.loads(inputs.read_text()) if inputs.is_file() else []
-        self.dispatch.fresh.clear()
         pending, now = [], time.monotonic()
         for t in self.journal.tasks(self.job_id):
             if t.state == "pending":
@@ -192,7 +191,7 @@ class CoordinatorCE:
                 self.counts["done"] += 1
             elif t.state == "failed":
                 self.counts["failed"] += 1
-        self.dispatch.fresh.extend(pending)
+        self.dispatch.set_pending(pending)
 
     def _stage_inputs(self) -> list[dict[str, Any]]:
         """Copy the job's inputs into the CE, named by content, so workers fetch each once."""
@@ -504,15 +503,32 @@ class CoordinatorCE:
     # -------------------------------------------------------------- results --
 
     async def assign(self, node: str, n: int) -> list[tuple[int, int]]:
-        """Take up to n tasks for `node` and mark them running; returns (index, attempt) pairs."""
-        picked = self.dispatch.take(node, n)
-        if not picked:
-            return []
+        """Take up to n tasks for `node` and mark them running; returns (index, attempt) pairs.
+
+        A task the journal shows finished is skipped and replaced by the next one: a worker must get
+        what it asked for while tasks wait, or it waits for them forever.
+        """
+        out: list[tuple[int, int]] = []
+        while len(out) < n:
+            picked = self.dispatch.take(node, n - len(out))
+            if not picked:
+                break
+            got = await self._mark_running(node, picked)
+            out += got
+            if len(got) == len(picked):
+                break
+        if out:
+            self.replication.wake.set()
+            if self.first_task_at is None:
+                self.first_task_at = time.time()
+        return out
+
+    async def _mark_running(self, node: str, picked: list[int]) -> list[tuple[int, int]]:
         assert self.journal is not None
         journal, job_id, now = self.journal, self.job_id, time.time()
 
-        def mark() -> list[tuple[int, int]]:
-            out = []
+        def mark() -> tuple[list[tuple[int, int]], list[int]]:
+            out, settled = [], []
             with journal.batch():
                 for i in picked:
                     try:
@@ -520,16 +536,15 @@ class CoordinatorCE:
                     except InvalidTransitionError:
                         # After a failover the journal may still show it on a worker that is gone.
                         if journal.task(job_id, i).state != "running":
-                            self.dispatch.finish(i)  # already done or failed for good
+                            settled.append(i)  # already done or failed for good
                             continue
                         journal.requeue(job_id, i, "reassigned after a failover")
                         out.append((i, journal.mark_running(job_id, i, node, now)))
-            return out
+            return out, settled
 
-        out = await asyncio.to_thread(mark)
-        self.replication.wake.set()
-        if self.first_task_at is None:
-            self.first_task_at = now
+        out, settled = await asyncio.to_thread(mark)
+        for i in settled:  # on the event loop: the dispatch is not shared with threads
+            self.dispatch.finish(i)
         return out
 
     async def task_started(self, index: int, node: str) -> int:
