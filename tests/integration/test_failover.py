@@ -89,8 +89,9 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
     res = tmp_path / "res"
     job = tmp_path / "job.toml"
+    # long enough that the successor's replica catches up (seconds: it fetches every output) before the end
     job.write_text('name = "twice"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
-                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
+                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 300\n')
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
     wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
     nodes[0].proc.kill()
@@ -101,7 +102,7 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     first.proc.kill()
     wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
     assert sub.popen.returncode == 0, sub.output()[-3000:]
-    check_results(res, 150)
+    check_results(res, 300)
 
 
 def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
