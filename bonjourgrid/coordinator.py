@@ -48,6 +48,7 @@ NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the rea
 REFUSED_BACKOFF_S = 5.0
 FINAL_REPLICATION_S = 5.0  # at most, before the workers (and replicas) are released
 RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
+MEMBERS_LISTED = 32  # workers named in a heartbeat (a replica asks only a few of them anyway)
 
 
 class CoordinatorCE:
@@ -99,6 +100,7 @@ class CoordinatorCE:
         self._first_result_logged = False
         self._last_probe = 0.0
         self._finisher: asyncio.Task[None] | None = None
+        self.last_beat = time.monotonic()  # last heartbeat that reached the broker (a replica may ask)
 
     # ------------------------------------------------------------ lifecycle --
 
@@ -177,7 +179,6 @@ class CoordinatorCE:
         self.started_at = row.created_at
         inputs = self.dir / "inputs.json"
         self.inputs = json.loads(inputs.read_text()) if inputs.is_file() else []
-        self.dispatch.fresh.clear()
         pending, now = [], time.monotonic()
         for t in self.journal.tasks(self.job_id):
             if t.state == "pending":
@@ -192,7 +193,7 @@ class CoordinatorCE:
                 self.counts["done"] += 1
             elif t.state == "failed":
                 self.counts["failed"] += 1
-        self.dispatch.fresh.extend(pending)
+        self.dispatch.set_pending(pending)
 
     def _stage_inputs(self) -> list[dict[str, Any]]:
         """Copy the job's inputs into the CE, named by content, so workers fetch each once."""
@@ -362,8 +363,9 @@ class CoordinatorCE:
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("replicas", self._membership()))
 
     def _membership(self) -> dict[str, Any]:
+        """In every heartbeat: the lease, the replicas' ranks, and the workers a replica asks before taking over."""
         return {"lease": self.lease_s, "replicas": list(self.replication.replicas),
-                "timeout": self.failover_timeout_s}
+                "timeout": self.failover_timeout_s, "workers": list(self.dispatch.workers)[:MEMBERS_LISTED]}
 
     async def worker_lost(self, node: str, reason: str) -> None:
         if node not in self.dispatch.workers:
@@ -392,7 +394,7 @@ class CoordinatorCE:
         while True:
             try:
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("hb", self._membership()), qos=0)
-                now = time.monotonic()
+                now = self.last_beat = time.monotonic()
                 silent = [n for n in self.dispatch.workers if now - self.last_seen.get(n, now) > self.worker_timeout_s]
                 for node in silent:
                     await self.worker_lost(node, f"silent for {self.worker_timeout_s:g}s")
@@ -517,15 +519,34 @@ class CoordinatorCE:
     # -------------------------------------------------------------- results --
 
     async def assign(self, node: str, n: int) -> list[tuple[int, int]]:
-        """Take tasks for `node` (n more asked, see `Dispatch.take`) and mark them running; returns (index, attempt)."""
-        picked = self.dispatch.take(node, n)
-        if not picked:
-            return []
+        """Take tasks for `node` (n more asked, see `Dispatch.take`) and mark them running; returns (index, attempt).
+
+        A task the journal shows finished is skipped and asked for again: a worker must get what it
+        asked for while tasks wait, or it waits for them forever.
+        """
+        out: list[tuple[int, int]] = []
+        ask = n
+        while True:
+            picked = self.dispatch.take(node, ask)
+            if not picked:
+                break
+            got = await self._mark_running(node, picked)
+            out += got
+            ask = len(picked) - len(got)  # the skipped ones were not given
+            if ask == 0:
+                break
+        if out:
+            self.replication.wake.set()
+            if self.first_task_at is None:
+                self.first_task_at = time.time()
+        return out
+
+    async def _mark_running(self, node: str, picked: list[int]) -> list[tuple[int, int]]:
         assert self.journal is not None
         journal, job_id, now = self.journal, self.job_id, time.time()
 
-        def mark() -> list[tuple[int, int]]:
-            out = []
+        def mark() -> tuple[list[tuple[int, int]], list[int]]:
+            out, settled = [], []
             with journal.batch(durable=False):  # a lost "running" costs nothing: workers report theirs
                 for i in picked:
                     try:
@@ -533,16 +554,15 @@ class CoordinatorCE:
                     except InvalidTransitionError:
                         # After a failover the journal may still show it on a worker that is gone.
                         if journal.task(job_id, i).state != "running":
-                            self.dispatch.finish(i)  # already done or failed for good
+                            settled.append(i)  # already done or failed for good
                             continue
                         journal.requeue(job_id, i, "reassigned after a failover")
                         out.append((i, journal.mark_running(job_id, i, node, now)))
-            return out
+            return out, settled
 
-        out = await asyncio.to_thread(mark)
-        self.replication.wake.set()
-        if self.first_task_at is None:
-            self.first_task_at = now
+        out, settled = await asyncio.to_thread(mark)
+        for i in settled:  # on the event loop: the dispatch is not shared with threads
+            self.dispatch.finish(i)
         return out
 
     async def task_started(self, index: int, node: str) -> int:

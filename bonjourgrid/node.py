@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .gridview import GridView, NodeRecord
 from .localnode import NODE_FILE
 from .mdns import Browser, Publisher, open_zeroconf
 from .ownerpolicy import OwnerMonitor, OwnerPolicy
+from .peers import HeardRequestError, LeftCE, answer_heard
 from .resources import AnnounceThrottle, ResourceProbe, Resources, ThrottlePolicy
 from .wire import frame, read_frame
 from .worker import WorkerCE
@@ -121,6 +123,7 @@ class NodeDaemon:
         self.ces: dict[str, CoordinatorCE] = {}  # CEs this node coordinates or coordinated
         self.worker: WorkerCE | None = None
         self._executor: Executor | None = None
+        self.left_ces: OrderedDict[str, LeftCE] = OrderedDict()  # how we left recent CEs (for `heard`)
         self._publisher: Publisher | None = None
         self._server: asyncio.Server | None = None
         self.port = config.port
@@ -340,6 +343,7 @@ class NodeDaemon:
             "submit": self._on_submit,
             "job": self._on_job,
             "jobs": lambda r: {"jobs": jobs.list_jobs(self)},
+            "heard": lambda r: answer_heard(self, r.body),
             "cancel": self._on_cancel,
             "export": self._on_export,
             "result_list": lambda r: jobs.result_list(self, str(r.body.get("job", ""))),
@@ -351,7 +355,7 @@ class NodeDaemon:
         try:
             result = handler(req)
             return await result if asyncio.iscoroutine(result) else result
-        except jobs.JobRequestError as e:
+        except (jobs.JobRequestError, HeardRequestError) as e:
             return {"error": str(e)}
 
     async def _on_recruit(self, req: Envelope) -> dict[str, object]:

@@ -78,19 +78,48 @@ class WorkerSlots:
 class Dispatch:
     """The coordinator's in-memory queue: the journal is the truth, this is the fast mirror.
 
-    Retried tasks go first, and preferably to a node they have not failed on.
+    Retried tasks go first, and preferably to a node they have not failed on. A task is queued
+    at most once (`_queued` mirrors the two queues), and a task that finishes while queued (its
+    result resent to a successor whose journal still had it pending) leaves the queue.
     """
 
     def __init__(self, pending: Iterable[int] = ()) -> None:
-        self.fresh: deque[int] = deque(pending)
+        self.fresh: deque[int] = deque()
         self.retry: deque[int] = deque()
+        self._queued: set[int] = set()
         self.tried: dict[int, set[str]] = {}
         self.running: dict[int, str] = {}
         self.workers: dict[str, WorkerSlots] = {}
+        self.set_pending(pending)
 
     @property
     def pending(self) -> int:
         return len(self.fresh) + len(self.retry)
+
+    def set_pending(self, indices: Iterable[int]) -> None:
+        """Queue exactly these tasks as fresh (a takeover rebuilding the queue from its journal)."""
+        self.fresh.clear()
+        self.retry.clear()
+        self._queued.clear()
+        for i in indices:
+            if i not in self._queued:
+                self._queued.add(i)
+                self.fresh.append(i)
+
+    def _unqueue(self, index: int) -> None:
+        if index in self._queued:  # rare: a task finished or placed while queued
+            self._queued.discard(index)
+            for q in (self.fresh, self.retry):
+                if index in q:
+                    q.remove(index)
+
+    def _queue_retry(self, index: int, first: bool = False) -> None:
+        if index not in self._queued:
+            self._queued.add(index)
+            if first:
+                self.retry.appendleft(index)
+            else:
+                self.retry.append(index)
 
     @property
     def capacity(self) -> int:
@@ -109,7 +138,7 @@ class Dispatch:
         lost = [i for i, n in self.running.items() if n == node]
         for i in lost:
             del self.running[i]
-            self.retry.appendleft(i)
+            self._queue_retry(i, first=True)
         return lost
 
     def take(self, node: str, n: int) -> list[int]:
@@ -134,6 +163,7 @@ class Dispatch:
                 out.append(i)
         while len(out) < n and self.fresh:
             out.append(self.fresh.popleft())
+        self._queued.difference_update(out)
         for i in out:
             self.running[i] = node
             self.tried.setdefault(i, set()).add(node)
@@ -143,9 +173,7 @@ class Dispatch:
 
     def claim(self, index: int, node: str) -> None:
         """The middleware (HTCondor, BOINC) placed task `index` on `node` itself: record it as running there."""
-        for q in (self.fresh, self.retry):
-            if index in q:
-                q.remove(index)
+        self._unqueue(index)
         self.running[index] = node
         self.tried.setdefault(index, set()).add(node)
         if node in self.workers:
@@ -161,13 +189,15 @@ class Dispatch:
             self.workers[node].running.discard(index)
 
     def finish(self, index: int) -> None:
+        """The task is settled (recorded, failed for good, or handed back): not running, not queued."""
         node = self.running.pop(index, None)
         if node and node in self.workers:
             self.workers[node].running.discard(index)
+        self._unqueue(index)
 
     def requeue(self, index: int) -> None:
         self.finish(index)
-        self.retry.append(index)
+        self._queue_retry(index)
 
     def idle_workers(self) -> list[str]:
         """Workers that ran dry: nothing running and nothing left to give them."""

@@ -4,7 +4,8 @@ Started by the node daemon when it accepts a recruit request, stopped when
 the node leaves the CE (release, lease expiry, owner, shutdown). It watches the
 coordinator (heartbeats on the bus, Coordinator services over mDNS) through a
 sans-I/O `Election`: it reattaches to a successor, takes over itself when it is
-the replica whose turn it is, or gives the node back when nobody comes.
+the replica whose turn it is and its peers confirm the coordinator is gone for
+them too (`peers`), or gives the node back when nobody comes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import backend as backends
 from . import nodestate as ns
+from . import peers
 from .bus import Bus, BusError, bus_credentials, topic
-from .election import Election, GiveUp, Reattach, TakeOver
+from .election import AskPeers, Election, GiveUp, Hold, Reattach, TakeOver
 from .envelope import Envelope
 from .replication import ReplicaStore
 
@@ -54,7 +56,10 @@ class WorkerCE:
                                  lease_s, time.monotonic())
         self.replica = ReplicaStore(daemon.config.state_dir / "ces" / ce, self.key, ce)
         self.released = False
+        self.ended = False  # released at the end of the job (not alone, as the CE shrank)
+        self._released_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._asking: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle --
 
@@ -62,6 +67,8 @@ class WorkerCE:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -92,6 +99,8 @@ class WorkerCE:
         except Exception:
             log.exception("CE %s: the worker failed", self.ce)
         finally:
+            if self._asking is not None:
+                self._asking.cancel()
             if half_task is not None:
                 half_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -102,6 +111,10 @@ class WorkerCE:
                     await self.bus.close()
             await asyncio.to_thread(self.replica.close)
             shutil.rmtree(self.dir, ignore_errors=True)
+            e = self.election
+            if e.claimed is None:  # a replica that took over answers as the coordinator instead
+                peers.remember_left(self.daemon, self.ce, peers.LeftCE(
+                    e.epoch, e.coordinator, self._released_at or e.last_heartbeat, self.ended))
             if self.daemon.worker is self:
                 self.daemon.worker = None
             if not self.daemon.stopping:
@@ -147,9 +160,44 @@ class WorkerCE:
                 # working, for ourselves once the new CE is up (`follow`).
                 await asyncio.to_thread(self.replica.close)
                 self.daemon.spawn(self.daemon.take_over(self.ce, action.epoch, self.election.replicas))
+            elif isinstance(action, AskPeers):
+                self._asking = asyncio.ensure_future(self._ask_peers(action))
+            elif isinstance(action, Hold):
+                log.warning("CE %s: coordinator %s silent, not taking over: %s", self.ce, self.coordinator[:8],
+                            action.reason)
+                if action.alive and (self.bus is None or not self.bus.connected):
+                    await self._rejoin()
             elif isinstance(action, GiveUp):
-                log.warning("CE %s: no coordinator for %gs: leaving the CE", self.ce, self.lease_s)
+                log.warning("CE %s: %s: leaving the CE", self.ce,
+                            action.reason or f"no coordinator for {self.lease_s:g}s")
+                self.ended = action.ended
                 await self.daemon.feed(ns.Release(self.ce, self.epoch))
+
+    async def _ask_peers(self, ask: AskPeers) -> None:
+        """Does the coordinator look gone to the others too? The election decides from the answers."""
+        timeout = self.election.timeout / 2
+        try:
+            out = await peers.ask(self.daemon, self.ce, self.election.coordinator, ask.peers, timeout,
+                                  self.election.wants_coordinator)
+        except Exception:  # never leave the election waiting: an ask that failed is an ask nobody answered
+            log.exception("CE %s: asking the peers failed", self.ce)
+            out = peers.Outcome((), len(ask.peers), 0, 0)
+        log.info("CE %s: asked %d peer(s) and %d other node(s) about %s: %s; %d other(s) reached", self.ce,
+                 out.asked, out.others_asked, self.election.coordinator[:8],
+                 [(a.node[:8], a.epoch, a.silent) for a in out.answers], out.others_reached)
+        await self._act(self.election.peers_answered(ask.epoch, out.answers, out.asked, time.monotonic(),
+                                                     out.others_asked, out.others_reached))
+
+    async def _rejoin(self) -> None:
+        """The others still hear our coordinator but our bus connection is gone (our link was down): connect again."""
+        try:
+            await self._connect()
+        except BusError as e:
+            log.warning("CE %s: cannot reach the coordinator's bus again yet: %s", self.ce, e)
+            return
+        log.warning("CE %s: reconnected to coordinator %s after losing the bus", self.ce, self.coordinator[:8])
+        if self.half is not None and hasattr(self.half, "reattached"):
+            await self.half.reattached()
 
     async def follow(self, coordinator: str, epoch: int, bus: str, data: str | None) -> None:
         """Follow a coordinator named directly (this very node, after it took over)."""
@@ -191,7 +239,9 @@ class WorkerCE:
         now = time.monotonic()
         if env.kind in ("hb", "replicas"):
             replicas = tuple(str(r) for r in env.body.get("replicas") or ())
-            await self._act(self.election.heartbeat(env.epoch, env.sender, now, replicas=replicas))
+            workers = env.body.get("workers")
+            members = tuple(str(w) for w in workers) if isinstance(workers, list) else None
+            await self._act(self.election.heartbeat(env.epoch, env.sender, now, replicas=replicas, workers=members))
             if (env.sender, env.epoch) == (self.coordinator, self.epoch):
                 await self.daemon.feed(ns.RenewLease(self.ce, self.epoch,
                                                      float(env.body.get("lease", self.lease_s)), now))
@@ -202,7 +252,7 @@ class WorkerCE:
             return
         if env.kind == "release":
             log.info("CE %s: released (%s)", self.ce, env.body.get("reason") or env.body.get("state", ""))
-            self.released = True
+            self.released, self.ended, self._released_at = True, "state" in env.body, now
             await self.daemon.feed(ns.Release(self.ce, self.epoch))
         elif env.kind == "rep":
             await self._replicate(env.body)

@@ -38,14 +38,25 @@ def check_results(res: Path, n: int) -> dict:
     return summary
 
 
-def results_recorded_once(node: GridNode, job: str, n: int) -> None:
-    """In the final coordinator's journal, every task has exactly one recorded result."""
+def results_recorded_once(node: GridNode, job: str, n: int) -> int:
+    """In the final coordinator's journal, every task has exactly one recorded result; returns its epoch."""
     journal = Journal.open(node.state_dir / "ces" / job / "journal.db")
     try:
         ops = [c.payload for c in journal.changes_since(0, 1_000_000) if c.op == "result"]
+        epoch = journal.epoch()
     finally:
         journal.close()
     assert sorted(p["task"] for p in ops) == list(range(n))
+    return epoch
+
+
+def replicas_of(coordinator: GridNode, nodes: list[GridNode], k: int) -> list[GridNode]:
+    """The CE's replicas in rank order, once the coordinator has named k of them."""
+    ids = {n["id"][:8]: n["host"] for n in coordinator.view()[0]}
+    pattern = r"replicas \[" + ", ".join([r"'(\w+)'"] * k) + r"\]"
+    ranked = wait_for(lambda: re.findall(pattern, coordinator.proc.output()), 30, 0.2, f"{k} replica(s)")[-1]
+    ranked = (ranked,) if isinstance(ranked, str) else ranked
+    return [next(n for n in nodes if n.host.name == ids[r]) for r in ranked]
 
 
 def who_coordinates(nodes: list[GridNode]) -> GridNode | None:
@@ -78,8 +89,9 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
     res = tmp_path / "res"
     job = tmp_path / "job.toml"
+    # long enough that the successor's replica catches up (seconds: it fetches every output) before the end
     job.write_text('name = "twice"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
-                   'argv = ["sh", "-c", "sleep 0.4; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
+                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 300\n')
     sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
     wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
     nodes[0].proc.kill()
@@ -90,7 +102,7 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     first.proc.kill()
     wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
     assert sub.popen.returncode == 0, sub.output()[-3000:]
-    check_results(res, 150)
+    check_results(res, 300)
 
 
 def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
@@ -165,8 +177,8 @@ def test_flapping_worker_loses_nothing_and_duplicates_nothing(grid, tmp_path):
     wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
     assert sub.popen.returncode == 0, sub.output()[-3000:]
     summary = check_results(res, 200)
-    # A replica cut off from its coordinator may take over on its side and keep the CE after the
-    # link comes back (the old coordinator steps down): the final journal is on whoever holds it.
+    # A replica cut off from its coordinator no longer takes over (its peers still hear the
+    # coordinator), but the final journal is read on whoever holds the CE at the end all the same.
     final = who_coordinates(nodes) or nodes[0]
     results_recorded_once(final, summary["job"], 200)
 
@@ -192,3 +204,77 @@ def test_results_survive_the_coordinator_dying_right_after_the_end(grid, tmp_pat
     r = nodes[1].cli("results", job, "--dest", str(res))
     assert r.returncode == 0, r.stderr[-3000:]
     check_results(res, 40)
+
+
+def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tmp_path):
+    """The rank-1 replica's link goes down for 3 failover timeouts, twice: the others still hear the
+    coordinator, so it must not take over; the original coordinator keeps the CE to the end."""
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 300, 0.15)  # long enough to outlast the flaps
+    (replica,) = replicas_of(nodes[0], nodes, 1)
+    wait_for(lambda: done_count(nodes[0]) >= 15, 60, 0.2, "a part of the job to be done")
+    for _ in range(2):
+        replica.host.link_down()
+        time.sleep(3.0)
+        replica.host.link_up()
+        time.sleep(2.0)
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 300)
+    assert summary["epoch"] == 1
+    assert results_recorded_once(nodes[0], summary["job"], 300) == 1
+    assert "not taking over" in replica.proc.output()  # it did reach its turn, and held
+    for n in nodes:
+        assert "taking over with epoch" not in n.proc.output(), n.host.name
+    assert "stepping down" not in nodes[0].proc.output()
+
+
+def test_coordinator_and_first_replica_killed_together_the_second_takes_over(grid, tmp_path):
+    """replicas = 2 survives two failures at once: rank 2 takes over (epoch 1 + 2) once its peers confirm."""
+    g = grid(5)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    res = tmp_path / "res"
+    job = tmp_path / "job.toml"
+    job.write_text('name = "two-down"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
+                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
+    first, second = replicas_of(nodes[0], nodes, 2)
+    wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
+    wait_for(lambda: nodes[0].proc.output().count("holds the journal") >= 2, 30, 0.1, "both replicas to catch up")
+    nodes[0].proc.kill()
+    first.proc.kill()
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 150)
+    assert who_coordinates(nodes) is second
+    assert results_recorded_once(second, summary["job"], 150) == 3
+
+
+def test_replica_cut_off_while_the_job_ends_does_not_resurrect_it(grid, tmp_path):
+    """The job ends while the rank-1 replica's link is down: when it comes back (within the lease),
+    its released peers tell it the CE is over, and it goes home instead of taking over."""
+    g = grid(4)
+    nodes = g.start_all("--cpus", "1", "--failover-timeout", "1", "--lease", "30")
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 60, 0.15)
+    (replica,) = replicas_of(nodes[0], nodes, 1)
+    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    replica.host.link_down()
+    try:
+        wait_for(lambda: not sub.alive(), 120, 0.5, "submit to end without the replica")
+    finally:
+        replica.host.link_up()
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 60)
+    assert summary["epoch"] == 1
+    wait_for(lambda: "the CE ended while we did not hear it" in replica.proc.output(), 30, 0.2,
+             "the replica to learn that the job ended")
+    wait_for(lambda: nodes[0].sees().get(replica.host.name) == "idle", 30, 0.3, "the replica back to idle")
+    for n in nodes:
+        assert "taking over with epoch" not in n.proc.output(), n.host.name
+    assert results_recorded_once(nodes[0], summary["job"], 60) == 1

@@ -112,3 +112,27 @@ def test_held_replicas_keep_a_worker_busy():
     assert d.idle_workers() == []
     d.unhold("w2", 0)
     assert d.idle_workers() == ["w2"]
+
+
+def test_a_task_finished_while_still_queued_leaves_the_queue():
+    """After a takeover the journal may list a task as pending that a worker already ran: its resent
+    result is recorded while the task sits in the queue. It must not be handed out again (a worker
+    that asked for n tasks and got fewer, with nothing sent, waited forever and stalled the job)."""
+    d = Dispatch(range(6))
+    d.add_worker("w1", 1)
+    for i in (1, 2, 4):
+        d.finish(i)  # resent results of the old coordinator's era
+    assert d.pending == 3
+    assert d.take("w1", 2) == [0, 3]
+    d.requeue(0)
+    d.finish(0)  # the requeued attempt's older result came in after all
+    assert d.take("w1", 5) == [5] and d.pending == 0
+    assert d.workers["w1"].waiting == 4
+
+
+def test_set_pending_replaces_the_queue():
+    d = Dispatch(range(3))
+    d.set_pending([7, 8])
+    assert d.pending == 2 and list(d.fresh) == [7, 8]
+    d.requeue(7)  # a requeued task is queued once
+    assert d.pending == 2 and sorted([*d.fresh, *d.retry]) == [7, 8]
