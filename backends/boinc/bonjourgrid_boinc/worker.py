@@ -37,6 +37,7 @@ from .wrapper import WRAPPER_NAME, app_info_xml, wrapper_script
 log = logging.getLogger("bonjourgrid.boinc.worker")
 
 BOINC = "boinc"
+XFERS = 8  # concurrent file transfers per project (the client's default, 2, fetches a reply's tasks one by one)
 CLIENT_LOG_LINES = 300  # of the client's log, written to ours at debug level when it stops
 RUN_AS = "boinc"  # the user Debian's package creates; used when the node runs as root
 PREFS = ("<global_preferences>\n<run_on_batteries>1</run_on_batteries><run_if_user_active>1</run_if_user_active>"
@@ -118,7 +119,10 @@ class BoincWorker(WorkerHalf):
         (d / "gui_rpc_auth.cfg").write_text(password)
         (d / "global_prefs_override.xml").write_text(PREFS)
         (d / "cc_config.xml").write_text(f"<cc_config><options><ncpus>{self.worker.slots}</ncpus>"
-                                         "<allow_multiple_clients>1</allow_multiple_clients></options></cc_config>\n")
+                                         "<allow_multiple_clients>1</allow_multiple_clients>"
+                                         f"<max_file_xfers>{2 * XFERS}</max_file_xfers>"
+                                         f"<max_file_xfers_per_project>{XFERS}</max_file_xfers_per_project>"
+                                         "</options></cc_config>\n")
         proj = d / "projects" / identity.project_dir_name(self.url)
         proj.mkdir(parents=True)
         (proj / "app_info.xml").write_text(app_info_xml())
