@@ -67,6 +67,7 @@ class BoincWorker(WorkerHalf):
         self.data: Path | None = None
         self._kicks = asyncio.Event()
         self._handover: asyncio.Task[None] | None = None
+        self._project_url: str | None = None
 
     async def run(self) -> None:
         cfg = self.worker.config.get("backend_config") or {}
@@ -74,15 +75,14 @@ class BoincWorker(WorkerHalf):
             raise BackendError("the boinc client is not installed (apt-get install boinc-client)")
         ce = self.worker.ce
         try:
-            relay = Relay(identity.project_port(self.worker.key, ce), str(cfg.get("url")))
+            self.relay = Relay(identity.project_port(self.worker.key, ce), self._project_url or str(cfg.get("url")))
         except ValueError as e:
             raise BackendError(f"bad BOINC project URL from the coordinator: {e}") from e
         auth = identity.authenticator(self.worker.key, ce)
         port, password = free_port(), secrets.token_hex(16)
         kicker = None
         try:
-            self.relay = relay
-            self.url = identity.project_url("127.0.0.1", await relay.start(), ce)
+            self.url = identity.project_url("127.0.0.1", await self.relay.start(), ce)
             self.data = Path(tempfile.mkdtemp(prefix=f"bg-boinc-{self.worker.node_id[:8]}-{ce[:12]}-"))
             await asyncio.to_thread(self._prepare, password)
             self.proc = await asyncio.create_subprocess_exec(
@@ -168,12 +168,15 @@ class BoincWorker(WorkerHalf):
     async def on_message(self, env: Envelope) -> None:
         if env.kind == "kick":
             self._kicks.set()
-        elif env.kind == "project" and self.relay is not None:
+        elif env.kind == "project":
             url = str(env.body.get("url"))
             try:
                 target = parse_upstream(url)
             except ValueError as e:
                 log.warning("CE %s: ignored a project message: %s", self.worker.ce, e)
+                return
+            if self.relay is None:
+                self._project_url = url  # a new coordinator before our client even started: use its project
                 return
             if target == self.relay.upstream:
                 return
