@@ -5,7 +5,7 @@ successor accepts, and the makespan (submit to results copied) of 20 tasks with 
 coordinator crash against the same job without one. The job is the integration test's:
 `sleep 2` then a hash of a shared input into an output file, on 3 workers of 2 slots,
 the coordinator's host killed once 3 tasks are done. Usage:
-python benchmarks/boinc_failover.py [--runs 3]
+python benchmarks/boinc_failover.py [--runs 3] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def kill_host_but(host: Host, keep: int) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
-def one_run(crash: bool) -> tuple[float, float | None]:
-    """(makespan in s, SIGKILL to the successor's first accepted result in s, or None)."""
+def one_run(crash: bool, logs: Path | None = None) -> tuple[float, float | None]:
+    """(makespan in s, SIGKILL to the successor's first accepted result in s, or None); node logs go to `logs`."""
     with tempfile.TemporaryDirectory() as d, Testbed(4, Path(d) / "tb") as tb:
         key = Path(d) / "grid.key"
         GridKey.generate().write(key)
@@ -72,7 +72,8 @@ def one_run(crash: bool) -> tuple[float, float | None]:
         (job / "data.txt").write_text("some shared input data\n" * 1000)
         (job / "job.toml").write_text(JOB)
         procs = [h.spawn(bonjourgrid_argv("node", "--key-file", str(key), "--state-dir", str(Path(d) / h.name),
-                                          "--name", h.name, *NODE_ARGS), "node") for h in tb.hosts]
+                                          "--name", h.name, *NODE_ARGS, *(("--log-level", "debug") if logs else ())),
+                         "node") for h in tb.hosts]
         cli = ("--key-file", str(key), "--state-dir", str(Path(d) / "host1"))
 
         def jobs() -> list[dict]:
@@ -102,15 +103,22 @@ def one_run(crash: bool) -> tuple[float, float | None]:
         assert summary["state"] == "done" and summary["tasks_done"] == TASKS, summary
         for p in procs:
             p.stop()
+        if logs is not None:
+            run = logs / f"{'crash' if crash else 'clean'}-{int(t0)}"
+            run.mkdir(parents=True, exist_ok=True)
+            for h, p in zip(tb.hosts, procs, strict=True):
+                (run / f"{h.name}.log").write_text(p.output())
+            (run / "submit.log").write_text(sub.output())
     return makespan, failover
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--logs", type=Path, help="keep every run's node logs under this directory")
     a = ap.parse_args()
-    crashed = [one_run(True) for _ in range(a.runs)]
-    clean = [one_run(False) for _ in range(a.runs)]
+    crashed = [one_run(True, a.logs) for _ in range(a.runs)]
+    clean = [one_run(False, a.logs) for _ in range(a.runs)]
     fo = [f for _, f in crashed if f is not None]
     m_crash, m_clean = statistics.median(m for m, _ in crashed), statistics.median(m for m, _ in clean)
     print(f"4 hosts (a coordinator, 3 workers of 2 slots, real boinc clients), {TASKS} tasks of sleep 2 + hash, "
