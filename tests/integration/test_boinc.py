@@ -230,5 +230,3 @@ def test_coordinator_killed_the_successor_serves_the_project_and_the_clients_car
     print(f"\nFIGURES boinc failover: first result {first:.1f}s after the kill, {log.count('adopted replica')} "
           f"replica(s) adopted, {handed} output(s) handed over, "
           f"{log.count('came back without output') + log.count('no longer has replica')} replica(s) lost")
-    if os.environ.get("BG_DUMP"):
-        Path(os.environ["BG_DUMP"]).write_text(log)
