@@ -320,7 +320,8 @@ class CoordinatorCE:
         self.dispatch.add_worker(node, max(1, slots))
         # After a failover a worker reattaches with the tasks it is still running: they stay its own.
         reported = {i for i in env.body.get("running") or [] if isinstance(i, int) and 0 <= i < len(self.job.tasks)}
-        for index in reported - set(self.dispatch.running):
+        # Only tasks still waiting here: one already done (or failed) must not look running again.
+        for index in reported & (set(self.dispatch.fresh) | set(self.dispatch.retry)):
             self.dispatch.claim(index, node)
         # Tasks our journal gives it but it does not have (their offer died with the old coordinator):
         # once its resent results had time to arrive, whatever is still unaccounted for runs again.
@@ -573,6 +574,7 @@ class CoordinatorCE:
         assert self.journal is not None
         self.dispatch.claim(index, node)
         attempt = await asyncio.to_thread(self.journal.mark_running, self.job_id, index, node, time.time())
+        self.replication.wake.set()  # a successor must know who holds the task
         if self.first_task_at is None:
             self.first_task_at = time.time()
         return attempt

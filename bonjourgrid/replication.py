@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from .bus import BusError
 from .datasrv import DataError, fetch
 from .gridkey import GridKey
 from .journal import Change, Journal, JournalError
@@ -88,12 +90,18 @@ class ReplicationSender:
                 in_flight = self.sent.get(node)
                 if done >= last or (in_flight and now - in_flight[1] < RESEND_S):
                     continue
-                changes = await asyncio.to_thread(journal.changes_since, done, BATCH)
-                if not changes:
+                try:
+                    changes = await asyncio.to_thread(journal.changes_since, done, BATCH)
+                    if not changes or self.ce.journal is None:
+                        continue
+                    await self.ce.send(node, "rep", {"changes": [c.to_dict() for c in changes],
+                                                     "inputs": self.ce.inputs})
+                except (BusError, JournalError, sqlite3.Error) as e:
+                    # The bus is down for a moment, or the CE is being torn down (a cancel that
+                    # asyncio.wait_for swallowed on 3.11): try again later, never end the stream.
+                    log.debug("CE %s: replication to %s deferred: %s", self.ce.ce, node[:8], e)
                     continue
                 self.sent[node] = (changes[-1].seq, now)
-                await self.ce.send(node, "rep", {"changes": [c.to_dict() for c in changes],
-                                                 "inputs": self.ce.inputs})
 
 
 class ReplicaStore:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import shutil
 import time
@@ -135,8 +136,19 @@ class WorkerCE:
         await self.bus.subscribe(topic(self.grid, self.ce, "w", self.node_id), self._on_message)
         await self.bus.subscribe(topic(self.grid, self.ce, "all"), self._on_message)
         await self.bus.connect()
-        running = self.half.running() if self.half is not None and hasattr(self.half, "running") else []
-        await self.publish("hello", {"slots": self.slots, "session": self.bus.session, "running": running})
+        await self.publish("hello", {"slots": self.slots, "session": self.bus.session,
+                                     "running": await self._running()})
+
+    async def _running(self) -> list[int]:
+        """The tasks our half still holds (a new coordinator leaves them to us); the half may have to ask
+        its middleware, so `running()` may be a coroutine."""
+        fn = getattr(self.half, "running", None)
+        if fn is None:
+            return []
+        got = fn()
+        if inspect.isawaitable(got):
+            got = await got
+        return list(got)
 
     # ------------------------------------------------------------- failover --
 

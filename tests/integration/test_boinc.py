@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_ce import WORK_PY, all_idle, submit, write_job
+from test_failover import results_recorded_once, who_coordinates
 
 from bonjourgrid.testbed import bonjourgrid_argv, wait_for
 
@@ -155,3 +156,77 @@ def test_a_killed_client_has_its_task_reissued(grid, tmp_path):
     for i in range(6):
         assert (res / str(i) / "stdout").read_text() == f"done {i}\n"
     assert "lost" in nodes[0].proc.output()
+
+
+def boinc_clients(node_id: str) -> list[int]:
+    """PIDs of the boinc clients a node's worker half started (their data dirs are named after the node)."""
+    r = subprocess.run(["pgrep", "-f", "--", f"boinc --dir /tmp/bg-boinc-{node_id[:8]}-"], capture_output=True,
+                       text=True, check=False)
+    return [int(p) for p in r.stdout.split()]
+
+
+def kill_host_but(host, keep: int) -> None:
+    """SIGKILL every process of a namespaced host (node daemon, broker, project server) but `keep`."""
+    pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True,
+                          check=False).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid) != keep and b"submit" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def test_coordinator_killed_the_successor_serves_the_project_and_the_clients_carry_on(grid, tmp_path):
+    """Issue 5's last point: the successor serves the same project; the clients keep their tasks."""
+    g = grid(4)
+    nodes = g.start_all("--cpus", "2", "--failover-timeout", "1", "--lease", "6")
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    ids = {n["host"]: n["id"] for n in nodes[0].view()[0]}
+    job = write_job(tmp_path / "job", """
+        name = "hash-failover"
+        backend = "boinc"
+        inputs = ["work.py", { src = "data.txt", dest = "data.txt" }]
+        outputs = ["out-*.txt"]
+        [sweep]
+        argv = ["sh", "-c", "sleep 2; exec python3 work.py {i}"]
+        count = 20
+    """, {"work.py": WORK_PY, "data.txt": DATA})
+    res = tmp_path / "res"
+    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--wait", "--json", "--results", str(res), str(job)),
+                              "submit")
+
+    def done() -> int:
+        r = nodes[0].cli("jobs", "--json")
+        return max((j["tasks_done"] for j in json.loads(r.stdout)), default=0) if r.returncode == 0 else 0
+
+    wait_for(lambda: done() >= 3, 180, 0.3, "a few tasks done")
+    workers = nodes[1:]
+    clients = {n.host.name: boinc_clients(ids[n.host.name]) for n in workers}
+    assert all(len(pids) == 1 for pids in clients.values()), clients
+    kill_host_but(nodes[0].host, sub.pid)
+    killed = time.monotonic()
+    successor = wait_for(lambda: who_coordinates(workers), 30, 0.2, "a successor")
+    wait_for(lambda: "first result accepted after the takeover" in successor.proc.output(), 120, 0.1,
+             "the successor's first result")
+    first = time.monotonic() - killed
+    # The clients carried on: same processes, and the replicas they held were adopted, not sent again.
+    assert {n.host.name: boinc_clients(ids[n.host.name]) for n in workers} == clients
+    assert "adopted replica" in successor.proc.output()
+    wait_for(lambda: not sub.alive(), 300, 0.5, "submit to follow the CE and end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    assert "following" in sub.output()
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == 20, summary.get("message")
+    for i in range(20):
+        assert (res / f"{i:02d}" / "outputs" / f"out-{i}.txt").read_text() == expected(i)
+        assert (res / f"{i:02d}" / "stdout").read_text() == f"task {i} ok\n"
+    results_recorded_once(successor, summary["job"], 20)
+    wait_for(lambda: set(successor.sees().get(n.host.name) for n in workers) == {"idle"}, 30, 0.3,
+             "the workers back to idle")
+    wait_for(lambda: not any(boinc_clients(i) for i in ids.values()), 30, 0.3, "every boinc client gone")
+    left = [p for i in ids.values() for p in Path(tempfile.gettempdir()).glob(f"bg-boinc-{i[:8]}-*")]
+    assert not left, left
+    log = successor.proc.output()
+    handed = sum(n.proc.output().count("handed to the new coordinator") for n in workers)
+    print(f"\nFIGURES boinc failover: first result {first:.1f}s after the kill, {log.count('adopted replica')} "
+          f"replica(s) adopted, {handed} output(s) handed over, "
+          f"{log.count('came back without output') + log.count('no longer has replica')} replica(s) lost")

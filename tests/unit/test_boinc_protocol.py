@@ -89,6 +89,7 @@ def test_wrapper_runs_a_signed_task_and_refuses_a_forged_one(tmp_path):
     assert (tmp_path / "boinc_finish_called").exists()
     o = unpack(tmp_path / protocol.OUTPUT_OPEN_NAME, tmp_path / "x", ("*.txt",))
     assert o.exit_code == 0 and o.stdout == b"42\n" and [p for p, _, _ in o.outputs] == ["o.txt"]  # input dropped
+    assert (tmp_path / protocol.OUTPUT_OPEN_NAME).stat().st_size < 8192  # one HTTP request to upload it
     (tmp_path / protocol.MAC_OPEN_NAME).write_text("0" * 64)
     subprocess.run(["sh", "w.sh"], cwd=tmp_path, check=True)
     o = unpack(tmp_path / protocol.OUTPUT_OPEN_NAME, tmp_path / "y", ("*.txt",))

@@ -5,6 +5,12 @@ replica goes out in a scheduler reply. Clients are kicked over the CE bus
 (their worker half does a GUI-RPC `project update`) whenever work appears,
 so nothing waits for a poll. Every reported result is acknowledged; a task's
 result reaches `ce.accept_results` only once a quorum of replicas agreed.
+
+After a failover the successor starts from the journal (settled tasks stay
+settled) and from what the clients tell it: every request lists the replicas
+the client holds (`<other_results>`) and reports finished ones, so replicas a
+previous coordinator handed out are adopted, not sent again; a replica we sent
+that a client no longer lists is lost and replaced.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -32,13 +39,15 @@ from .protocol import (
     TASK_OPEN_NAME,
     InputRef,
     Reported,
+    SchedulerRequest,
     WorkItem,
     build_reply,
     master_page,
     output_file_name,
     parse_request,
+    task_of,
 )
-from .quorum import TaskReplicas, parse_options
+from .quorum import SENT, TaskReplicas, parse_options
 from .results import unpack
 from .upload import UploadStore
 from .wrapper import input_open_name, task_mac, task_script
@@ -49,6 +58,7 @@ NEXT_RPC_S = 60.0  # a safety net only: work and requeues are announced by kicks
 MAX_OUTPUT_BYTES = 1 << 30
 PREFETCH_PER_SLOT = 1  # replicas a client holds beyond its running ones
 RPC_TIMEOUT_S = 60.0
+TASK_FILE = re.compile(r"t(\d{1,9})\.(sh|mac)")
 
 
 class BoincCoordinator(CoordinatorHalf):
@@ -77,6 +87,8 @@ class BoincCoordinator(CoordinatorHalf):
         self.inputs = await asyncio.to_thread(self._publish_inputs)
         for i in range(len(ce.job.tasks)):
             self._new_task(i)
+        if ce.resume:
+            await self._restore()
         self.uploads = UploadStore(self.root / "upload", self._upload_cap)
         port = identity.project_port(ce.key, ce.ce)
         self.server = self._serve(port)
@@ -86,8 +98,20 @@ class BoincCoordinator(CoordinatorHalf):
                  self.quorum)
         return {"url": self.url}
 
+    async def _restore(self) -> None:
+        """A takeover: tasks the journal holds as done or failed are settled; the others wait for the
+        clients to say which replicas they hold (adopted) or for the core to requeue them."""
+        assert self.ce.journal is not None
+        rows = await asyncio.to_thread(self.ce.journal.tasks, self.ce.job_id)
+        for row in rows:
+            if row.state in ("done", "failed") and row.index in self.tasks:
+                self.tasks[row.index].settled = True
+                self.open.pop(row.index, None)
+        log.info("CE %s: BOINC project resumed at epoch %d: %d task(s) still open", self.ce.ce, self.ce.epoch,
+                 len(self.open))
+
     def _serve(self, port: int) -> ProjectServer:
-        kw = dict(master=self._master, scheduler=self._scheduler, upload=self._upload, download_dir=self.downloads)
+        kw = dict(master=self._master, scheduler=self._scheduler, upload=self._upload, download=self._download)
         try:
             return ProjectServer(self.ce.address, port, self.ce.ce, **kw)  # type: ignore[arg-type]
         except OSError:  # the derived port is taken: any port will do, workers get the URL from the CE
@@ -95,7 +119,8 @@ class BoincCoordinator(CoordinatorHalf):
 
     def _new_task(self, index: int) -> None:
         old = self.tasks.get(index)
-        t = TaskReplicas(index, self.replication, self.quorum, seq=old.seq if old else 0)  # names never reused
+        t = TaskReplicas(index, self.replication, self.quorum, seq=old.seq if old else 0,  # names never reused
+                         epoch=self.ce.epoch)
         self.tasks[index] = self.open[index] = t
         self.attempts[index] = None
 
@@ -114,65 +139,128 @@ class BoincCoordinator(CoordinatorHalf):
             refs.append(InputRef(name, "", int(f["size"]), _md5(dest), name))
         return refs
 
-    def _task_files(self, index: int) -> list[InputRef]:
-        """The workunit's command script and its HMAC, written when the task is first sent."""
+    def _task_files(self, index: int, base: str) -> list[InputRef]:
+        """The workunit's command script and its HMAC (the same bytes whichever coordinator writes them)."""
         refs = []
-        spec = self.ce.job.tasks[index]
-        script = task_script(spec.argv, spec.env, self.ce.inputs, self.ce.job.timeout_s).encode()
-        for suffix, open_name, data in (("sh", TASK_OPEN_NAME, script),
-                                        ("mac", MAC_OPEN_NAME, task_mac(self.mac_key, script).encode())):
-            name = f"t{index}.{suffix}"
-            path = self.downloads / name
-            if not path.exists():
-                path.write_bytes(data)
-            refs.append(InputRef(name, self._download_url(name), len(data), hashlib.md5(data).hexdigest(), open_name))
+        for (name, open_name), data in zip(((f"t{index}.sh", TASK_OPEN_NAME), (f"t{index}.mac", MAC_OPEN_NAME)),
+                                           self._write_task_files(index), strict=True):
+            refs.append(InputRef(name, f"{base}download/{name}", len(data), hashlib.md5(data).hexdigest(), open_name))
         return refs
 
-    def _download_url(self, name: str) -> str:
-        return f"{self.url}download/{name}"
+    def _write_task_files(self, index: int) -> tuple[bytes, bytes]:
+        spec = self.ce.job.tasks[index]
+        script = task_script(spec.argv, spec.env, self.ce.inputs, self.ce.job.timeout_s).encode()
+        mac = task_mac(self.mac_key, script).encode()
+        for name, data in ((f"t{index}.sh", script), (f"t{index}.mac", mac)):
+            path = self.downloads / name
+            if not path.exists():  # HTTP threads may race here: each writes whole files, renamed into place
+                tmp = path.with_name(f".{name}.{os.getpid()}.{id(data)}")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+        return script, mac
 
     # ------------------------------------------------------------- HTTP side --
 
-    def _master(self) -> bytes:
-        return master_page(f"BonjourGrid {self.ce.job.name}", self.url + "cgi").encode()
+    def _master(self, host: str | None) -> bytes:
+        base = identity.url_for_host(host, self.ce.ce, self.url)
+        return master_page(f"BonjourGrid {self.ce.job.name}", base + "cgi").encode()
+
+    def _download(self, name: str) -> Path | None:
+        """Inputs, and any task's files: a client may fetch those of a workunit our predecessor sent."""
+        m = TASK_FILE.fullmatch(name)
+        if m and int(m.group(1)) < len(self.ce.job.tasks):
+            self._write_task_files(int(m.group(1)))
+        return self.downloads / name
 
     def _upload_cap(self, name: str) -> int | None:
+        """Outputs of replicas we issued, and of replicas of open tasks a predecessor issued (to be adopted)."""
+        if not name.endswith("_out"):
+            return None
         result = name.removesuffix("_out")
-        return MAX_OUTPUT_BYTES if name.endswith("_out") and result in self.by_name else None
+        index = task_of(result)
+        known = result in self.by_name or (index is not None and index in self.open)
+        return MAX_OUTPUT_BYTES if known else None
 
     def _upload(self, body: bytes) -> bytes:
         return self.uploads.handle(body)
 
-    def _scheduler(self, ip: str, body: bytes) -> bytes:
+    def _scheduler(self, ip: str, host: str | None, body: bytes) -> bytes:
         """Runs in an HTTP thread: the decisions are made on the CE's event loop."""
-        fut = asyncio.run_coroutine_threadsafe(self._rpc(ip, body), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self._rpc(ip, host, body), self.loop)
         return fut.result(RPC_TIMEOUT_S)
 
-    async def _rpc(self, ip: str, body: bytes) -> bytes:
+    async def _rpc(self, ip: str, host: str | None, body: bytes) -> bytes:
         req = parse_request(body)
         name = f"BonjourGrid {self.ce.job.name}"
+        base = identity.url_for_host(host, self.ce.ce, self.url)
+        upload_url = base + "file_upload_handler"
         if not hmac.compare_digest(req.authenticator.encode(), self.auth.encode()):
             log.warning("CE %s: BOINC request from %s with a wrong authenticator", self.ce.ce, ip)
-            return build_reply(project_name=name, master_url=self.url, upload_url=self._upload_url(), hostid=None,
+            return build_reply(project_name=name, master_url=base, upload_url=upload_url, hostid=None,
                                work=[], acks=[], request_delay=3600, message="wrong authenticator")
         node = self._node(ip)
+        member = node is not None and node in self.ce.dispatch.workers
+        if member:
+            assert node is not None
+            await self._take_stock(node, req)
         for r in req.reported:
             await self._reported(node, r)
         work: list[WorkItem] = []
-        if node is not None and node in self.ce.dispatch.workers and req.wants_work and self.ce.state == "running":
+        if member and req.wants_work and self.ce.state == "running":
+            assert node is not None
             slots = self.slots.get(node, 1)
             held = sum(1 for t in self.open.values() for r in t.inflight() if r.node == node)
-            work = await self._pick(node, slots * (1 + PREFETCH_PER_SLOT) - held)
+            work = await self._pick(node, slots * (1 + PREFETCH_PER_SLOT) - held, base)
         hostid = None if req.hostid else identity.host_id(node or ip)
         if req.reported or work:
             log.debug("CE %s: BOINC rpc from %s: %d reported, %d sent", self.ce.ce, ip, len(req.reported), len(work))
-        return build_reply(project_name=name, master_url=self.url, upload_url=self._upload_url(), hostid=hostid,
+        return build_reply(project_name=name, master_url=base, upload_url=upload_url, hostid=hostid,
                            work=work, acks=[r.name for r in req.reported], next_rpc_delay=NEXT_RPC_S)
 
-    def _upload_url(self) -> str:
-        return self.url + "file_upload_handler"
+    async def _take_stock(self, node: str, req: SchedulerRequest) -> None:
+        """What the client holds: adopt replicas a predecessor handed out, and lose ours it dropped."""
+        held = [*req.in_progress, *(r.name for r in req.reported)]
+        for name in held:
+            index = task_of(name)
+            if name not in self.by_name and index is not None and index in self.tasks:
+                await self._adopt(node, name, index)
+        names = set(held)
+        for t in list(self.open.values()):
+            gone = t.dropped_by(node, names)
+            for rep in gone:
+                log.warning("CE %s: client of %s no longer has replica %s: sending another", self.ce.ce, node[:8],
+                            rep.name)
+                self._unhold(node, t.index)
+            if gone:
+                await self._settle(t)
+
+    async def _adopt(self, node: str, name: str, index: int) -> None:
+        """A replica a previous coordinator sent to this client: ours now, so the task is not sent again."""
+        self.by_name[name] = index
+        if self.tasks[index].adopt(name, node) is None:
+            return
+        if self.attempts[index] is None:
+            self.attempts[index] = await self._attempt(index, node)
+        self._hold(node, index)
+        log.info("CE %s: adopted replica %s of task %d on %s (sent before a failover)", self.ce.ce, name, index,
+                 node[:8])
+
+    async def _attempt(self, index: int, node: str) -> int | None:
+        """The journal's attempt of a task a replica of which came from `node`: a pending task is started
+        there; None if the journal says the task is over."""
+        assert self.ce.journal is not None
+        row = await asyncio.to_thread(self.ce.journal.task, self.ce.job_id, index)
+        if row.state == "pending":
+            return await self.ce.task_started(index, node)
+        if row.state == "running":
+            if index not in self.ce.dispatch.running:
+                self.ce.dispatch.claim(index, node)
+            return row.attempts
+        return None
 
     def _node(self, ip: str) -> str | None:
+        if ip in self.ce.daemon.config.addresses:
+            return self.ce.daemon.node_id  # our own client (a successor keeps working for its CE)
         node = self.node_of_ip.get(ip)
         if node is None:
             for node_id, rec in self.ce.daemon.view.nodes.items():
@@ -183,7 +271,7 @@ class BoincCoordinator(CoordinatorHalf):
 
     # ------------------------------------------------------------ scheduling --
 
-    async def _pick(self, node: str, room: int) -> list[WorkItem]:
+    async def _pick(self, node: str, room: int, base: str) -> list[WorkItem]:
         out: list[WorkItem] = []
         deadline = int(time.time() + (self.ce.job.timeout_s or 86400) * 2 + 3600)
         for index, t in list(self.open.items()):
@@ -203,8 +291,9 @@ class BoincCoordinator(CoordinatorHalf):
                 self._hold(node, index)
             rep = t.issue(node)
             self.by_name[rep.name] = index
-            inputs = [InputRef(f.name, self._download_url(f.name), f.nbytes, f.md5, f.open_name) for f in self.inputs]
-            out.append(WorkItem(wu_name=f"t{index}", result_name=rep.name, inputs=self._task_files(index) + inputs,
+            inputs = [InputRef(f.name, f"{base}download/{f.name}", f.nbytes, f.md5, f.open_name) for f in self.inputs]
+            files = await asyncio.to_thread(self._task_files, index, base)
+            out.append(WorkItem(wu_name=f"t{index}", result_name=rep.name, inputs=files + inputs,
                                 report_deadline=deadline, max_output_bytes=MAX_OUTPUT_BYTES,
                                 memory_bound=float(self.ce.job.memory_bytes)))
         return out
@@ -219,10 +308,14 @@ class BoincCoordinator(CoordinatorHalf):
     async def _reported(self, node: str | None, r: Reported) -> None:
         index = self.by_name.get(r.name)
         t = self.tasks.get(index) if index is not None else None
-        if t is None or r.name not in t.replicas:
+        path = self.uploads.path(output_file_name(r.name))
+        if t is None or t.settled or r.name not in t.replicas or t.replicas[r.name].state != SENT:
+            with contextlib.suppress(OSError):
+                path.unlink()  # a replica of a settled task, or reported twice: acknowledged, nothing else
+            if t is not None and index is not None and t.settled and node is not None:
+                self._unhold(node, index)
             return
         outcome = None
-        path = self.uploads.path(output_file_name(r.name))
         if r.state == FILES_UPLOADED and path.is_file():
             try:
                 outcome = await asyncio.to_thread(unpack, path, self.unpacked / r.name, tuple(self.ce.job.outputs))
@@ -256,7 +349,10 @@ class BoincCoordinator(CoordinatorHalf):
         assert o is not None
         attempt = self.attempts[index]
         if attempt is None:
-            attempt = self.attempts[index] = await self.ce.task_started(index, best.node)
+            attempt = self.attempts[index] = await self._attempt(index, best.node)
+        if attempt is None:  # the journal already holds its outcome
+            log.info("CE %s: task %d was already settled: result %s dropped", self.ce.ce, index, best.name)
+            return
         await asyncio.to_thread(self._stage, index, attempt, o.files, [p for p, _, _ in o.outputs])
         item = {"index": index, "attempt": attempt, "ok": o.exit_code == 0, "exit_code": o.exit_code,
                 "started_at": o.started_at, "ended_at": o.ended_at,
@@ -285,8 +381,10 @@ class BoincCoordinator(CoordinatorHalf):
 
     async def worker_joined(self, node_id: str, slots: int) -> None:
         self.slots[node_id] = slots
-        if any(t.wanted() for t in self.open.values()):
-            await self.ce.send(node_id, "kick", {})
+        # Where its relay sends the client's requests; after a failover, requests held there go now.
+        await self.ce.send(node_id, "project", {"url": self.url})
+        if self.ce.resume or any(t.wanted() for t in self.open.values()):
+            await self.ce.send(node_id, "kick", {})  # after a failover: report what it holds, right away
 
     async def worker_lost(self, node_id: str, requeued: list[int]) -> None:
         for t in self.open.values():

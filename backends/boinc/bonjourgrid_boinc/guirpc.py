@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 END = b"\x03"
@@ -34,6 +36,34 @@ def check(reply: bytes) -> bytes:
     if b"<unauthorized" in reply or b"<error>" in reply:
         raise GuiRpcError(reply.decode(errors="replace").strip())
     return reply
+
+
+@dataclass(frozen=True)
+class Held:
+    """A result the client holds: its name and BOINC state (5 = output uploaded)."""
+
+    name: str
+    state: int
+
+
+def held_results(reply: bytes, project_url: str) -> list[Held]:
+    """The results the client holds for a project and the server has not acknowledged yet."""
+    body = reply.rstrip(END).strip()
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as e:
+        raise GuiRpcError(f"unreadable get_results reply: {e}") from e
+    held = []
+    for r in root.iter("result"):
+        url = (r.findtext("project_url") or "").strip()
+        name = (r.findtext("name") or "").strip()
+        try:
+            state = int((r.findtext("state") or "0").strip())
+        except ValueError:
+            state = 0
+        if name and url == project_url and r.find("got_server_ack") is None:
+            held.append(Held(name, state))
+    return held
 
 
 class GuiRpcError(Exception):
@@ -73,6 +103,10 @@ class GuiRpc:
     async def run_mode_always(self) -> None:
         for what in ("run_mode", "network_mode"):
             await self.request(f"<set_{what}>\n<always/>\n<duration>0</duration>\n</set_{what}>")
+
+    async def results(self, project_url: str) -> list[Held]:
+        return held_results(await self.request("<get_results>\n<active_only>0</active_only>\n</get_results>"),
+                            project_url)
 
     async def quit(self) -> None:
         await self.request("<quit/>")

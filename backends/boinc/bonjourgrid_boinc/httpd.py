@@ -2,7 +2,9 @@
 
 HTTP/1.1 because the client's libcurl sends `Expect: 100-continue` on
 uploads. Handlers are plain callables; the scheduler one bridges into the
-coordinator's event loop.
+coordinator's event loop. The master page and the scheduler get the Host
+header: replies name URLs on the address the client used (a worker's loopback
+relay), not on ours.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ MAX_BODY = 1 << 30
 
 
 class ProjectServer:
-    def __init__(self, address: str, port: int, prefix: str, *, master: Callable[[], bytes],
-                 scheduler: Callable[[str, bytes], bytes], upload: Callable[[bytes], bytes],
-                 download_dir: Path) -> None:
+    def __init__(self, address: str, port: int, prefix: str, *, master: Callable[[str | None], bytes],
+                 scheduler: Callable[[str, str | None, bytes], bytes], upload: Callable[[bytes], bytes],
+                 download: Callable[[str], Path | None]) -> None:
+        """`download(name)` gives the file to serve, or None (404)."""
         self.prefix = prefix.strip("/")
-        self.master, self.scheduler, self.upload = master, scheduler, upload
-        self.download_dir = download_dir
+        self.master, self.scheduler, self.upload, self.download = master, scheduler, upload, download
         srv = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,11 +51,11 @@ class ProjectServer:
             def do_GET(self) -> None:
                 rest = self._route()
                 if rest == "" or self.path.split("?", 1)[0].rstrip("/") == f"/{srv.prefix}":
-                    return self._send(200, srv.master(), "text/html")
+                    return self._send(200, srv.master(self.headers.get("Host")), "text/html")
                 if rest and rest.startswith("download/"):
                     name = rest.removeprefix("download/")
-                    f = srv.download_dir / name
-                    if "/" not in name and not name.startswith(".") and f.is_file():
+                    f = srv.download(name) if "/" not in name and not name.startswith(".") else None
+                    if f is not None and f.is_file():
                         return self._send(200, f.read_bytes(), "application/octet-stream")
                 self._send(404, b"not found\n", "text/plain")
 
@@ -67,7 +69,7 @@ class ProjectServer:
                 body = self.rfile.read(n)
                 try:
                     if rest == "cgi":
-                        return self._send(200, srv.scheduler(self.client_address[0], body))
+                        return self._send(200, srv.scheduler(self.client_address[0], self.headers.get("Host"), body))
                     if rest == "file_upload_handler":
                         return self._send(200, srv.upload(body))
                 except Exception:

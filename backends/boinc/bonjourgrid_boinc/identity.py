@@ -27,6 +27,20 @@ def project_url(address: str, port: int, ce: str) -> str:
     return f"http://{address}:{port}/{ce}/"
 
 
+_HOST = re.compile(r"(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
+
+
+def url_for_host(host: str | None, ce: str, fallback: str) -> str:
+    """The project URL as the client addressed it (its Host header): a worker's relay, or us directly.
+
+    Replies must name this URL (the client compares `<master_url>` with what it attached to); a
+    missing or malformed Host gives `fallback`.
+    """
+    if host is None or not _HOST.fullmatch(host):
+        return fallback
+    return f"http://{host}/{ce}/"
+
+
 def host_id(node_id: str) -> int:
     return (zlib.crc32(node_id.encode()) & 0x7FFFFFFF) or 1
 

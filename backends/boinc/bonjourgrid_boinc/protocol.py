@@ -131,6 +131,20 @@ def output_file_name(result_name: str) -> str:
     return f"{result_name}_out"
 
 
+_RESULT = re.compile(r"t(\d{1,9})_(\d{1,9})_(\d{1,9})")
+
+
+def result_name(index: int, epoch: int, seq: int) -> str:
+    """A replica's name. The epoch keeps a successor's names apart from those its predecessor handed out."""
+    return f"t{index}_{epoch}_{seq}"
+
+
+def task_of(name: str) -> int | None:
+    """The task a replica name belongs to, or None if it is not one of ours."""
+    m = _RESULT.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
 def build_reply(*, project_name: str, master_url: str, upload_url: str, hostid: int | None,
                 work: list[WorkItem], acks: list[str], aborts: list[str] = (),  # type: ignore[assignment]
                 next_rpc_delay: float | None = None, request_delay: float | None = None,
@@ -163,9 +177,11 @@ def build_reply(*, project_name: str, master_url: str, upload_url: str, hostid: 
                    f"<rsc_memory_bound>{w.memory_bound:g}</rsc_memory_bound>"
                    f"<rsc_disk_bound>{w.disk_bound:g}</rsc_disk_bound>{refs}</workunit>")
         out_name = output_file_name(w.result_name)
+        # Sticky: the client keeps the output after uploading it, until we acknowledge the report
+        # (`<delete_file_info>` below), so a successor can be handed what a dead coordinator received.
         out.append(f"<file_info><name>{escape(out_name)}</name><upload_url>{escape(upload_url)}</upload_url>"
                    f"<max_nbytes>{w.max_output_bytes}</max_nbytes><xml_signature>unsigned</xml_signature>"
-                   f"</file_info>")
+                   f"<sticky/></file_info>")
         out.append(f"<result><name>{escape(w.result_name)}</name><wu_name>{escape(w.wu_name)}</wu_name>"
                    f"<report_deadline>{w.report_deadline}</report_deadline><platform>{PLATFORM}</platform>"
                    f"<version_num>{APP_VERSION}</version_num><report_immediately/>"
@@ -173,6 +189,7 @@ def build_reply(*, project_name: str, master_url: str, upload_url: str, hostid: 
                    f"<copy_file/></file_ref></result>")
     for name in acks:
         out.append(f"<result_ack><name>{escape(name)}</name></result_ack>")
+        out.append(f"<delete_file_info>{escape(output_file_name(name))}</delete_file_info>")
     for name in aborts:
         out.append(f"<result_abort><name>{escape(name)}</name></result_abort>")
     out.append("</scheduler_reply>\n")
@@ -204,6 +221,13 @@ def parse_upload(body: bytes) -> UploadRequest:
         raise ValueError("not a file upload")
     return UploadRequest(fields["name"], int(float(fields.get("offset", "0") or 0)),
                          int(float(fields.get("nbytes", "0") or 0)), fields.get("md5_cksum", ""), data)
+
+
+def upload_head(name: str, nbytes: int, md5: str) -> bytes:
+    """What precedes a whole file's bytes in an upload, as the client sends it (offset 0)."""
+    return (f"<data_server_request>\n<core_client_major_version>7</core_client_major_version>\n<file_upload>\n"
+            f"<file_info>\n<name>{escape(name)}</name>\n</file_info>\n<nbytes>{nbytes}</nbytes>\n"
+            f"<md5_cksum>{md5}</md5_cksum>\n<offset>0</offset>\n<data>\n").encode()
 
 
 def upload_reply(status: int, message: str = "", file_size: int | None = None) -> bytes:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .protocol import result_name
+
 SENT, DONE, LOST = "sent", "done", "lost"
 
 
@@ -49,6 +51,7 @@ class TaskReplicas:
     replicas: dict[str, Replica] = field(default_factory=dict)
     seq: int = 0
     settled: bool = False
+    epoch: int = 1  # the coordinator's: part of every name it hands out
 
     def inflight(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.state == SENT]
@@ -90,8 +93,19 @@ class TaskReplicas:
 
     def issue(self, node: str) -> Replica:
         self.seq += 1
-        rep = Replica(f"t{self.index}_{self.seq}", node)
+        rep = Replica(result_name(self.index, self.epoch, self.seq), node)
         self.replicas[rep.name] = rep
+        return rep
+
+    def adopt(self, name: str, node: str) -> Replica | None:
+        """A replica a previous coordinator handed out, which `node`'s client still holds: ours now.
+
+        None if we know that name already (or the task is settled): nothing to adopt.
+        """
+        if self.settled or name in self.replicas:
+            return None
+        rep = Replica(name, node)
+        self.replicas[name] = rep
         return rep
 
     def report(self, name: str, outcome: Outcome | None) -> Replica | None:
@@ -101,6 +115,13 @@ class TaskReplicas:
             return None
         rep.state, rep.outcome = (DONE, outcome) if outcome is not None else (LOST, None)
         return rep
+
+    def dropped_by(self, node: str, held: set[str]) -> list[Replica]:
+        """Replicas `node`'s client should hold but no longer lists (it refused or lost them): lost."""
+        lost = [r for r in self.inflight() if r.node == node and r.name not in held]
+        for r in lost:
+            r.state = LOST
+        return lost
 
     def lose_node(self, node: str) -> list[Replica]:
         lost = [r for r in self.inflight() if r.node == node]

@@ -2,9 +2,12 @@
 
 Private data dir (under /tmp: the node's state dir is not reachable by an
 unprivileged user), its own GUI-RPC port and password, the wrapper app
-installed under the anonymous platform before attaching. The coordinator's
-`kick` messages become GUI-RPC `project update` requests. If the client
-dies, the half ends, so the CE loses this worker and requeues its tasks.
+installed under the anonymous platform before attaching. The client is
+attached to a loopback relay (`relay.py`), not to the coordinator, so a
+failover changes nothing for it: the coordinator's `project` message points
+the relay at its own project. Its `kick` messages become GUI-RPC
+`project update` requests. If the client dies, the half ends, so the CE
+loses this worker and requeues its tasks.
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ from bonjourgrid.worker import WorkerCE
 
 from . import identity
 from .guirpc import GuiRpc
+from .handover import post_output, to_hand_over
+from .protocol import task_of
+from .relay import Relay, parse_upstream
 from .wrapper import WRAPPER_NAME, app_info_xml, wrapper_script
 
 log = logging.getLogger("bonjourgrid.boinc.worker")
 
 BOINC = "boinc"
+XFERS = 8  # concurrent file transfers per project (the client's default, 2, fetches a reply's tasks one by one)
+CLIENT_LOG_LINES = 300  # of the client's log, written to ours at debug level when it stops
 RUN_AS = "boinc"  # the user Debian's package creates; used when the node runs as root
 PREFS = ("<global_preferences>\n<run_on_batteries>1</run_on_batteries><run_if_user_active>1</run_if_user_active>"
          "<run_gpu_if_user_active>1</run_gpu_if_user_active><suspend_cpu_usage>0</suspend_cpu_usage>"
@@ -53,21 +61,29 @@ class BoincWorker(WorkerHalf):
     def __init__(self, worker: WorkerCE) -> None:
         super().__init__(worker)
         self.rpc: GuiRpc | None = None
-        self.url = ""
+        self.relay: Relay | None = None
+        self.url = ""  # what the client is attached to: the relay's loopback URL, the same for the CE's life
         self.proc: asyncio.subprocess.Process | None = None
         self.data: Path | None = None
         self._kicks = asyncio.Event()
+        self._handover: asyncio.Task[None] | None = None
+        self._project_url: str | None = None
 
     async def run(self) -> None:
         cfg = self.worker.config.get("backend_config") or {}
-        self.url = str(cfg["url"])
         if not shutil.which(BOINC):
             raise BackendError("the boinc client is not installed (apt-get install boinc-client)")
-        auth = identity.authenticator(self.worker.key, self.worker.ce)
+        ce = self.worker.ce
+        try:
+            self.relay = Relay(identity.project_port(self.worker.key, ce), self._project_url or str(cfg.get("url")))
+        except ValueError as e:
+            raise BackendError(f"bad BOINC project URL from the coordinator: {e}") from e
+        auth = identity.authenticator(self.worker.key, ce)
         port, password = free_port(), secrets.token_hex(16)
-        self.data = Path(tempfile.mkdtemp(prefix=f"bg-boinc-{self.worker.node_id[:8]}-{self.worker.ce[:12]}-"))
         kicker = None
         try:
+            self.url = identity.project_url("127.0.0.1", await self.relay.start(), ce)
+            self.data = Path(tempfile.mkdtemp(prefix=f"bg-boinc-{self.worker.node_id[:8]}-{ce[:12]}-"))
             await asyncio.to_thread(self._prepare, password)
             self.proc = await asyncio.create_subprocess_exec(
                 *self._as_user(), BOINC, "--dir", str(self.data), "--gui_rpc_port", str(port),
@@ -103,7 +119,10 @@ class BoincWorker(WorkerHalf):
         (d / "gui_rpc_auth.cfg").write_text(password)
         (d / "global_prefs_override.xml").write_text(PREFS)
         (d / "cc_config.xml").write_text(f"<cc_config><options><ncpus>{self.worker.slots}</ncpus>"
-                                         "<allow_multiple_clients>1</allow_multiple_clients></options></cc_config>\n")
+                                         "<allow_multiple_clients>1</allow_multiple_clients>"
+                                         f"<max_file_xfers>{2 * XFERS}</max_file_xfers>"
+                                         f"<max_file_xfers_per_project>{XFERS}</max_file_xfers_per_project>"
+                                         "</options></cc_config>\n")
         proj = d / "projects" / identity.project_dir_name(self.url)
         proj.mkdir(parents=True)
         (proj / "app_info.xml").write_text(app_info_xml())
@@ -149,6 +168,57 @@ class BoincWorker(WorkerHalf):
     async def on_message(self, env: Envelope) -> None:
         if env.kind == "kick":
             self._kicks.set()
+        elif env.kind == "project":
+            url = str(env.body.get("url"))
+            try:
+                target = parse_upstream(url)
+            except ValueError as e:
+                log.warning("CE %s: ignored a project message: %s", self.worker.ce, e)
+                return
+            if self.relay is None:
+                self._project_url = url  # a new coordinator before our client even started: use its project
+                return
+            if target == self.relay.upstream:
+                return
+            if self._handover is not None:
+                self._handover.cancel()
+            # In the background: the bus must go on (heartbeats, kicks) while outputs are posted.
+            self._handover = asyncio.ensure_future(self._switch(url))
+
+    async def _switch(self, url: str) -> None:
+        """A new coordinator: hand it the outputs the old one got but never saw reported, then let the
+        relay send it the client's requests (the reports come after the files)."""
+        assert self.relay is not None
+        try:
+            if self.rpc is not None and self.data is not None:
+                held = await asyncio.wait_for(self.rpc.results(self.url), 5)
+                proj = self.data / "projects" / identity.project_dir_name(self.url)
+                paths = await asyncio.to_thread(to_hand_over, [(h.name, h.state) for h in held], proj)
+                for path in paths:
+                    ok = await asyncio.to_thread(post_output, url, path)
+                    log.info("CE %s: output %s handed to the new coordinator%s", self.worker.ce, path.name,
+                             "" if ok else ": refused")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # those results run again: nothing is lost but time
+            log.warning("CE %s: could not hand outputs over to the new coordinator: %s", self.worker.ce, e)
+        self.relay.set_upstream(url)
+
+    async def running(self) -> list[int]:
+        """Tasks whose results the client holds and the coordinator has not acknowledged: a successor
+        leaves them to us (they carry on through the relay)."""
+        if self.rpc is None or self.proc is None or self.proc.returncode is not None:
+            return []
+        try:
+            held = await asyncio.wait_for(self.rpc.results(self.url), 5)
+        except Exception as e:
+            log.warning("CE %s: could not list the client's tasks: %s", self.worker.ce, e)
+            return []
+        return sorted({i for i in (task_of(h.name) for h in held) if i is not None})
+
+    async def reattached(self) -> None:
+        """A new coordinator: it sends its project URL and kicks us once we said hello; nothing to undo."""
+        log.info("CE %s: the boinc client keeps its tasks for the new coordinator", self.worker.ce)
 
     async def _shutdown(self) -> None:
         """Detach and stop the client; remove its data dir."""
@@ -171,5 +241,13 @@ class BoincWorker(WorkerHalf):
         if self.rpc is not None:
             with contextlib.suppress(Exception):
                 await self.rpc.close()
+        if self._handover is not None:
+            self._handover.cancel()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.data is not None and log.isEnabledFor(logging.DEBUG):
+            with contextlib.suppress(OSError):  # the client's own account of the CE, before it is removed
+                tail = (self.data / "stdoutdae.txt").read_text(errors="replace").splitlines()[-CLIENT_LOG_LINES:]
+                log.debug("CE %s: boinc client log:\n%s", self.worker.ce, "\n".join(tail))
         if self.data is not None:
             shutil.rmtree(self.data, ignore_errors=True)

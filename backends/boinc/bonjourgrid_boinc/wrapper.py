@@ -5,7 +5,9 @@ when it exits 0 without a `boinc_finish_called` file, and its files would
 never be uploaded when it exits non-zero. The wrapper (a shell script the
 worker half installs under the anonymous platform) checks the workunit's
 HMAC, runs the task in `pack/out`, records exit code, stdout, stderr and
-times in `pack/meta`, tars `pack` into the single result file, then writes
+times in `pack/meta`, tars `pack` into the single result file (gzipped: a
+small result stays under the 8 KiB above which the client first asks the server
+how much of the file it has, one more HTTP round trip per task), then writes
 `boinc_finish_called` and exits 0, so every outcome (failures included)
 reaches the coordinator, which matches the job's output globs itself.
 """
@@ -37,7 +39,7 @@ else
   echo 126 > pack/meta/exit_code
 fi
 date +%s.%N > pack/meta/ended_at
-tar -cf __OUT__ -C pack meta out
+tar -cf - -C pack meta out | gzip -1 > __OUT__
 echo 0 > boinc_finish_called
 exit 0
 """
