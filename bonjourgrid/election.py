@@ -154,6 +154,7 @@ class Election:
             actions.append(Reattach(coordinator, epoch, self.bus, self.data))
             self._new_coordinator(coordinator)
         self.epoch, self.coordinator, self.last_heartbeat = epoch, coordinator, max(self.last_heartbeat, now)
+        self._unconfirmed = False  # a new silence starts its rounds afresh
         if replicas is not None:
             self.replicas = replicas
         if workers is not None:
@@ -167,6 +168,7 @@ class Election:
             return []
         self.epoch, self.coordinator, self.bus, self.data = epoch, coordinator, bus, data
         self.last_heartbeat = now  # a fresh coordinator: give it a full timeout to start beating
+        self._unconfirmed = False
         self._new_coordinator(coordinator)
         return [Reattach(coordinator, epoch, bus, data)]
 
@@ -209,8 +211,9 @@ class Election:
                        others_asked: int = 0, others_reached: int = 0) -> list[Action]:
         """The outcome of `AskPeers(epoch, ...)`: take over, or hold and ask again a timeout later.
 
-        `answers`: one per peer that answered; `asked`: peers asked; `others_*`: other nodes of the
-        grid asked, and how many answered (they only tell whether we are isolated).
+        `answers`: one per peer that answered (and per other node that turned out to know the CE, and
+        the coordinator's own if it was waited for); `asked`: peers asked (and the coordinator then);
+        `others_*`: other nodes of the grid asked, and how many answered at all.
         """
         if self.done or self._asking != epoch:
             return []  # stale: a later ask, or the election is over

@@ -187,15 +187,15 @@ class WorkerCE:
 
     async def _ask_peers(self, ask: AskPeers) -> None:
         """Does the coordinator look gone to the others too? The election decides from the answers."""
-        timeout = self.election.timeout / 2
+        timeout, t0 = self.election.timeout / 2, time.monotonic()
         try:
             out = await peers.ask(self.daemon, self.ce, self.election.coordinator, ask.peers, timeout,
                                   self.election.wants_coordinator)
         except Exception:  # never leave the election waiting: an ask that failed is an ask nobody answered
             log.exception("CE %s: asking the peers failed", self.ce)
             out = peers.Outcome((), len(ask.peers), 0, 0)
-        log.info("CE %s: asked %d peer(s) and %d other node(s) about %s: %s; %d other(s) reached", self.ce,
-                 out.asked, out.others_asked, self.election.coordinator[:8],
+        log.info("CE %s: asked %d peer(s) and %d other node(s) about %s in %.0f ms: %s; %d other(s) reached",
+                 self.ce, out.asked, out.others_asked, self.election.coordinator[:8], (time.monotonic() - t0) * 1000,
                  [(a.node[:8], a.epoch, a.silent) for a in out.answers], out.others_reached)
         await self._act(self.election.peers_answered(ask.epoch, out.answers, out.asked, time.monotonic(),
                                                      out.others_asked, out.others_reached))

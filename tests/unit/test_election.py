@@ -225,3 +225,12 @@ def test_the_coordinator_is_waited_for_only_when_no_peer_can_tell():
     assert not wants([PeerAnswer("w3"), PeerAnswer("w4", 1, "c", 1.0)])  # a member
     assert not wants([PeerAnswer("w4", 1, "c", 0.1, member=False)])  # released just now
     assert not wants([PeerAnswer("w4", 1, "c", 9.0, member=False, ended=True)])  # saw the end
+
+
+def test_a_heartbeat_in_between_makes_the_next_silence_start_its_rounds_afresh():
+    e = replica(1)
+    a = ask(e, 1.0)
+    assert isinstance(e.peers_answered(a.epoch, [PeerAnswer("w3")], 3, 1.01)[0], Hold)  # first opinion-less round
+    e.heartbeat(1, "c", 1.02)
+    a = ask(e, 2.1)
+    assert isinstance(e.peers_answered(a.epoch, [PeerAnswer("w3")], 3, 2.11)[0], Hold)  # a first round again
