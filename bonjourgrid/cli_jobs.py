@@ -32,6 +32,7 @@ from .cli import (
 from .jobspec import JobFileError, JobSpec, load_job, sweep_job
 from .localnode import LocalNode, NodeUnavailable, RequestFailed, find_job, wait_for_node
 from .paths import default_state_dir
+from .sandbox import safe_join
 
 FINAL = ("done", "failed", "cancelled")
 
@@ -221,19 +222,30 @@ async def _successor(old: LocalNode, job: str) -> LocalNode:
     raise NodeUnavailable(f"{job}: its coordinator is gone and no successor appeared within {SUCCESSOR_WAIT_S:g}s")
 
 
+FETCH_CONCURRENCY = 8  # a big sweep has thousands of small files: one request each, several at a time
+
+
 async def fetch_results(node: LocalNode, job: str, dest: Path) -> dict[str, Any]:
     """Copy a job's results from a (remote) node into dest, file by file in chunks."""
     listing = await node.ask("result_list", {"job": job}, timeout=600)
-    for rel, _size in listing["files"]:
-        target = dest / rel
+    gate = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+    async def fetch(rel: str) -> None:
+        try:
+            target = safe_join(dest, rel)  # the listing comes from another node: stay inside dest
+        except ValueError as e:
+            raise RequestFailed(f"refusing a result path from {node.host}: {e}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as f:
-            offset, eof = 0, False
-            while not eof:
-                part = await node.ask("result_file", {"job": job, "path": rel, "offset": offset}, timeout=60)
-                data = base64.b64decode(part["data"])
-                f.write(data)
-                offset, eof = offset + len(data), bool(part["eof"])
+        async with gate:
+            with open(target, "wb") as f:
+                offset, eof = 0, False
+                while not eof:
+                    part = await node.ask("result_file", {"job": job, "path": rel, "offset": offset}, timeout=60)
+                    data = base64.b64decode(part["data"])
+                    f.write(data)
+                    offset, eof = offset + len(data), bool(part["eof"])
+
+    await asyncio.gather(*(fetch(rel) for rel, _size in listing["files"]))
     summary = json.loads((dest / "summary.json").read_text())
     summary["results_dir"] = str(dest)
     (dest / "summary.json").write_text(json.dumps(summary, indent=2))
