@@ -145,6 +145,13 @@ class CondorCoordinator(CoordinatorHalf):
             # In its own task: finishing calls stop(), which cancels and awaits this loop.
             self._failing = asyncio.ensure_future(self.ce._finish("failed"))
 
+    def _log_daemon_tails(self, lines: int = 25) -> None:
+        """The daemons' own words, in the node's log: the pool's directory goes with the CE."""
+        for name in ("MasterLog", "CollectorLog", "SchedLog"):
+            with contextlib.suppress(OSError):
+                tail = (self.local / "log" / name).read_text(errors="replace").splitlines()[-lines:]
+                log.error("CE %s: end of the pool's %s:\n%s", self.ce.ce, name, "\n".join(tail))
+
     async def _wait_ready(self) -> None:
         assert self.pool is not None
         await self.pool.call(self.pool.configure)
@@ -156,6 +163,7 @@ class CondorCoordinator(CoordinatorHalf):
                 break
             except Exception as e:
                 if loop.time() > deadline or (self.master and not self.master.alive):
+                    self._log_daemon_tails()
                     raise RuntimeError(f"the schedd never came up: {e}") from e
                 await asyncio.sleep(0.3)
         self.uid = (self.local / "log").stat().st_uid  # the daemons' user: it must own what they write to
