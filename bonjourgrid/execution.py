@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from bonjourgrid.sandbox import OutputFile, check_glob, collect_outputs, safe_join
-from bonjourgrid.spawner import SpawnerClient, SpawnerDied
+from bonjourgrid.spawner import Capture, SpawnerClient, SpawnerDied
 
 __all__ = [
     "Executor",
@@ -152,22 +152,6 @@ class TaskOutcome:
             outputs=tuple(OutputFile.from_dict(o) for o in d["outputs"]),
             error=None if d["error"] is None else str(d["error"]),
         )
-
-
-class _Capture:
-    """Head-capped capture of one stream; survives cancellation of its reader so partial data is kept."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = max(0, cap)
-        self.buf = bytearray()
-        self.truncated = False
-
-    def feed(self, chunk: bytes) -> None:
-        room = self.cap - len(self.buf)
-        if room > 0:
-            self.buf += chunk[:room]
-        if len(chunk) > max(room, 0):
-            self.truncated = True
 
 
 _PRLIMIT = shutil.which("prlimit")  # util-linux, on every Debian
@@ -520,7 +504,7 @@ class Executor:
     @staticmethod
     def _capped_logs(container: Any, stdout: bool, cap: int) -> tuple[bytes, bool]:
         """Stream one of the demuxed log streams, stopping once past the cap (head kept)."""
-        capture = _Capture(cap)
+        capture = Capture(cap)
         stream = container.logs(stdout=stdout, stderr=not stdout, stream=True, follow=False)
         try:
             for chunk in stream:

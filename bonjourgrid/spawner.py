@@ -34,6 +34,22 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+class Capture:
+    """Head-capped capture of one stream: past the cap the data is dropped (and marked) but still read."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(0, cap)
+        self.buf = bytearray()
+        self.truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.cap - len(self.buf)
+        if room > 0:
+            self.buf += chunk[:room]
+        if len(chunk) > max(room, 0):
+            self.truncated = True
+
+
 @dataclass
 class _Task:
     id: int
@@ -42,10 +58,8 @@ class _Task:
     grace: float
     started: float
     deadline: float | None  # the task's timeout
-    out: bytearray = field(default_factory=bytearray)
-    err: bytearray = field(default_factory=bytearray)
-    out_trunc: bool = False
-    err_trunc: bool = False
+    out: Capture = field(init=False)
+    err: Capture = field(init=False)
     open_pipes: int = 2
     ended: float | None = None
     timed_out: bool = False
@@ -54,22 +68,14 @@ class _Task:
     drain_until: float | None = None  # after the exit: stop waiting for pipes an escaped process holds
     escaped: bool = False
 
-    def feed(self, stream: str, chunk: bytes) -> None:
-        buf = self.out if stream == "out" else self.err
-        room = self.cap - len(buf)
-        if room > 0:
-            buf += chunk[:room]
-        if len(chunk) > max(room, 0):
-            if stream == "out":
-                self.out_trunc = True
-            else:
-                self.err_trunc = True
+    def __post_init__(self) -> None:
+        self.out, self.err = Capture(self.cap), Capture(self.cap)
 
     def reply(self) -> dict[str, Any]:
         killed = self.timed_out or self.cancelled
         return {"id": self.id, "exit_code": None if killed else self.proc.returncode,
-                "stdout": base64.b64encode(self.out).decode(), "stderr": base64.b64encode(self.err).decode(),
-                "stdout_truncated": self.out_trunc, "stderr_truncated": self.err_trunc,
+                "stdout": base64.b64encode(self.out.buf).decode(), "stderr": base64.b64encode(self.err.buf).decode(),
+                "stdout_truncated": self.out.truncated, "stderr_truncated": self.err.truncated,
                 "started": self.started, "ended": self.ended, "timed_out": self.timed_out,
                 "cancelled": self.cancelled, "escaped": self.escaped, "error": None}
 
@@ -140,7 +146,7 @@ class Spawner:
             except BlockingIOError:
                 return
             if chunk:
-                t.feed(what, chunk)
+                (t.out if what == "out" else t.err).feed(chunk)
                 return
             self.sel.unregister(key.fileobj)
             key.fileobj.close()  # type: ignore[union-attr]
@@ -301,8 +307,7 @@ class SpawnerClient:
             if not fut.done():
                 fut.set_exception(SpawnerDied(self.dead))
         self.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(1.0)  # reap it
+        self.popen.poll()  # reap it if it is gone (never block the event loop on it)
 
     def close(self) -> None:
         """Closing its stdin makes the spawner kill what still runs and exit."""
