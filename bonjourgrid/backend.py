@@ -50,6 +50,18 @@ class CoordinatorHalf:
     async def on_message(self, env: Envelope) -> None:
         """A message for this backend on the coordinator's bus topic."""
 
+    def wants(self, node_id: str) -> bool:
+        """The middleware has work this node could take that the core's queue does not show.
+
+        Such a worker is not released when the queue runs dry, and such a node may be recruited for
+        `workers_needed`.
+        """
+        return False
+
+    def workers_needed(self) -> int:
+        """Workers the middleware needs beyond what the core's queue asks for (recruited as well)."""
+        return 0
+
     async def cancel(self) -> None:
         """Stop running tasks: the job was cancelled."""
 

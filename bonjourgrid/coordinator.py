@@ -465,12 +465,14 @@ class CoordinatorCE:
             await self.step_down(successor)
             return
         for node in self.dispatch.idle_workers():
-            await self.release_worker(node, "no tasks left for it")
+            if self.half is None or not self.half.wants(node):
+                await self.release_worker(node, "no tasks left for it")
         # accepted but never said hello: give up on them after the worker timeout
         for node, at in list(self.recruited.items()):
             if now - at > self.worker_timeout_s * 2:
                 del self.recruited[node]
-        wanted = self.dispatch.workers_wanted(self.job.workers_max)
+        queue_wants = self.dispatch.workers_wanted(self.job.workers_max)
+        wanted = max(queue_wants, self.half.workers_needed() - len(self.recruited) if self.half else 0)
         if self.job.workers_max is not None:
             wanted = min(wanted, self.job.workers_max - len(self.dispatch.workers) - len(self.recruited))
         anns = [r.ann for r in self.daemon.view.nodes.values()]
@@ -479,6 +481,8 @@ class CoordinatorCE:
             exclude |= {n for n, at in self.refused.items() if now - at < REFUSED_BACKOFF_S}
             picks, slots = [], 0
             for ann in recruitable(anns, self.needs, exclude):
+                if queue_wants <= 0 and self.half is not None and not self.half.wants(ann.node_id):
+                    continue  # recruited for the middleware's own need: only a node it can use
                 if slots >= wanted:
                     break
                 picks.append(ann)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bonjourgrid_boinc.quorum import Outcome, TaskReplicas, parse_options
+from bonjourgrid_boinc.quorum import Outcome, TaskReplicas, may_take_a_replica, nodes_short, parse_options
 
 GOOD, BAD = Outcome(0, (("o", "aa", 1),)), Outcome(0, (("o", "bb", 1),))
 
@@ -32,3 +32,21 @@ def test_options():
     assert parse_options({}) == (1, 1)
     assert parse_options({"replication": 2, "quorum": 2}) == (2, 2)
     assert parse_options({"quorum": 3}) == (3, 3)
+
+
+def test_a_disagreement_keeps_the_one_worker_that_can_settle_it_and_asks_for_more_when_none_can():
+    t = TaskReplicas(0, replication=2, quorum=2)
+    settled = TaskReplicas(1, replication=2, quorum=2)
+    a, b = t.issue("A"), t.issue("B")
+    t.report(a.name, GOOD)
+    t.report(b.name, BAD)
+    for r in (settled.issue("A"), settled.issue("B")):
+        settled.report(r.name, GOOD)
+    tasks = [t, settled]
+    # the core's queue is dry, yet C must stay: it is the only worker that has not run task 0
+    assert may_take_a_replica(tasks, "C") and not may_take_a_replica(tasks, "A")
+    assert nodes_short(tasks, ["A", "B", "C"]) == 0
+    # without C, the CE must recruit a node to break the tie
+    assert nodes_short(tasks, ["A", "B"]) == 1 and nodes_short(tasks, []) == 1
+    t.report(t.issue("C").name, GOOD)
+    assert not may_take_a_replica(tasks, "C") and nodes_short(tasks, ["A", "B"]) == 0

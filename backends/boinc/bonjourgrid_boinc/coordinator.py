@@ -47,7 +47,7 @@ from .protocol import (
     parse_request,
     task_of,
 )
-from .quorum import SENT, TaskReplicas, parse_options
+from .quorum import SENT, TaskReplicas, may_take_a_replica, nodes_short, parse_options
 from .results import unpack
 from .upload import UploadStore
 from .wrapper import input_open_name, task_mac, task_script
@@ -378,6 +378,12 @@ class BoincCoordinator(CoordinatorHalf):
                 await self.ce.send(node, "kick", {})
 
     # ------------------------------------------------------------------ hooks --
+
+    def wants(self, node_id: str) -> bool:
+        return may_take_a_replica(self.open.values(), node_id)
+
+    def workers_needed(self) -> int:
+        return nodes_short(self.open.values(), self.ce.dispatch.workers)
 
     async def worker_joined(self, node_id: str, slots: int) -> None:
         self.slots[node_id] = slots

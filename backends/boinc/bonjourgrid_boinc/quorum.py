@@ -9,6 +9,7 @@ replicas, each on a node that has not run the task yet.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,21 @@ class TaskReplicas:
         for r in lost:
             r.state = LOST
         return lost
+
+
+def may_take_a_replica(tasks: Iterable[TaskReplicas], node: str) -> bool:
+    """Whether `node` may still take a replica some task wants: such a worker is not released as idle."""
+    return any(t.eligible(node) for t in tasks)
+
+
+def nodes_short(tasks: Iterable[TaskReplicas], workers: Iterable[str]) -> int:
+    """How many more workers the replicas wanted need, beyond the nodes that may take them now.
+
+    A task whose replicas disagree wants a node that has not run it yet; when every worker of the CE
+    already has, only recruiting another one settles it.
+    """
+    nodes = list(workers)
+    return max([0, *(t.wanted() - sum(1 for n in nodes if t.eligible(n)) for t in tasks)])
 
 
 def parse_options(options: dict[str, object]) -> tuple[int, int]:
