@@ -19,7 +19,8 @@ from test_failover import results_recorded_once, who_coordinates
 
 from bonjourgrid.testbed import bonjourgrid_argv, wait_for
 
-pytestmark = pytest.mark.skipif(not shutil.which("boinc"), reason="boinc-client is not installed (scripts/setup.sh)")
+pytestmark = [pytest.mark.middleware,
+              pytest.mark.skipif(not shutil.which("boinc"), reason="boinc-client is not installed (scripts/setup.sh)")]
 
 DATA = "some shared input data\n" * 1000
 

@@ -22,7 +22,7 @@ from bonjourgrid.testbed import Host, _kill_netns_pids, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 CHROOT = ROOT / "scripts" / "condor-chroot.sh"
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.middleware]
 
 
 @pytest.fixture(scope="session")
