@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up, then runs the test suite: lint, unit, multi-host integration on namespaced hosts.
-#   bash scripts/test.sh          the default tier (about 8 minutes)
+#   bash scripts/test.sh          the default tier (about 7 minutes)
 #   bash scripts/test.sh --all    also the middleware tier: real HTCondor pools and BOINC clients (CI runs this)
 # Other arguments go to pytest (e.g. `bash scripts/test.sh tests/unit -x`).
 set -euo pipefail

@@ -24,7 +24,7 @@ from bonjourgrid.journal import InvalidTransitionError
 from bonjourgrid.sandbox import collect_outputs, safe_join
 
 from . import config as cfg
-from .daemons import Master, port, token, write_password
+from .daemons import Master, pool_port, token, write_password
 from .pool import Pool
 from .worker import pool_secret
 
@@ -46,7 +46,7 @@ class CondorCoordinator(CoordinatorHalf):
         self.root = ce.dir / "condor"
         self.local = self.root / "pool"  # owned by the daemons' user (visible to them at the same path)
         self.sub = self.local / "submit"
-        self.port = port()
+        self.port = pool_port(ce.address)
         self.collector = f"{ce.address}:{self.port}"
         self.master: Master | None = None
         self.pool: Pool | None = None
@@ -116,6 +116,10 @@ class CondorCoordinator(CoordinatorHalf):
             with contextlib.suppress(Exception):
                 await self.pool.call(self.pool.remove, f'BgCE == "{self.ce.ce}"', "job cancelled")
         self.live.clear()
+
+    async def worker_joined(self, node_id: str, slots: int) -> None:
+        """Where the pool is: a worker that followed us from a predecessor's pool rejoins ours."""
+        await self.ce.send(node_id, "pool", {"collector": self.collector})
 
     async def tasks_requeued(self) -> None:
         self._resubmit.set()  # failed attempts the core wants retried: the event loop resubmits them

@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 from pathlib import Path
 
 import psutil
@@ -32,6 +33,24 @@ def prefix() -> list[str]:
 
 def port() -> int:
     return int(os.environ.get(PORT_ENV) or DEFAULT_PORT)
+
+
+def pool_port(address: str) -> int:
+    """The usual port if nothing listens on it at `address`, else a free one.
+
+    A successor coordinator builds its pool on a host where its own worker half's daemons still
+    hold the usual port: two shared-port daemons cannot both listen there, and the one that lost
+    the race left the new pool unreachable ("Failed communication with collector").
+    """
+    for candidate in (port(), 0):
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind: TIME_WAIT is no obstacle
+            try:
+                s.bind((address, candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free TCP port on {address} for the HTCondor pool")
 
 
 def write_password(password_dir: Path, secret: bytes) -> None:

@@ -31,7 +31,8 @@ class CondorWorker(WorkerHalf):
 
     def __init__(self, worker: WorkerCE) -> None:
         super().__init__(worker)
-        self._moved = asyncio.Event()  # the CE has a new coordinator (failover): rejoin its pool
+        self._moved = asyncio.Event()  # the CE's pool is elsewhere now (failover): rejoin it
+        self.collector = ""
 
     async def run(self) -> None:
         w = self.worker
@@ -43,11 +44,11 @@ class CondorWorker(WorkerHalf):
         write_password(local / "passwords.d", pool_secret(w.key, w.ce))
         busy = self._owner_busy()
         (local / "owner.config").write_text(cfg.owner_config(busy))
-        collector, port = str(bc["collector"]), int(bc["port"])
+        self.collector, port = str(bc["collector"]), int(bc["port"])
         master: Master | None = None
         try:
             while True:
-                master = await self._start_master(local, collector, port)
+                master = await self._start_master(local, self.collector, port)
                 while not self._moved.is_set():  # keep the startd's view of the owner current
                     now = self._owner_busy()
                     if now != busy:
@@ -62,10 +63,7 @@ class CondorWorker(WorkerHalf):
                 # (it resubmits every task without a recorded result), so restart toward it.
                 self._moved.clear()
                 await master.stop()
-                rec = w.daemon.view.nodes.get(w.coordinator)
-                if rec is not None and rec.addresses:
-                    collector = f"{rec.addresses[0]}:{port}"
-                log.warning("CE %s: joining the new coordinator's pool at %s", w.ce, collector)
+                log.warning("CE %s: joining the new coordinator's pool at %s", w.ce, self.collector)
         finally:
             if master is not None:
                 with contextlib.suppress(Exception):
@@ -82,9 +80,6 @@ class CondorWorker(WorkerHalf):
         await master.start()
         return master
 
-    async def reattached(self) -> None:
-        """Called by the worker CE after it followed a successor coordinator."""
-        self._moved.set()
 
     async def _set_owner(self, local: Path, busy: bool) -> None:
         tmp = local / "owner.config.tmp"
@@ -101,4 +96,8 @@ class CondorWorker(WorkerHalf):
         return bool(self.worker.daemon.machine.state.owner_busy)
 
     async def on_message(self, env: Envelope) -> None:
-        """Tasks reach this node through Condor, not the bus: nothing to do."""
+        """Tasks reach this node through Condor, not the bus; the coordinator only says where its pool is."""
+        collector = env.body.get("collector") if env.kind == "pool" else None
+        if isinstance(collector, str) and collector and collector != self.collector:
+            self.collector = collector
+            self._moved.set()
