@@ -83,7 +83,10 @@ class BoincWorker(WorkerHalf):
         kicker = None
         try:
             self.url = identity.project_url("127.0.0.1", await self.relay.start(), ce)
-            self.data = Path(tempfile.mkdtemp(prefix=f"bg-boinc-{self.worker.node_id[:8]}-{ce[:12]}-"))
+            mine = f"bg-boinc-{self.worker.node_id[:8]}-"
+            for stale in Path(tempfile.gettempdir()).glob(mine + "*"):  # a node is in one CE at a time: a
+                shutil.rmtree(stale, ignore_errors=True)  # dir of ours is what a killed daemon left behind
+            self.data = Path(tempfile.mkdtemp(prefix=f"{mine}{ce[:12]}-"))
             await asyncio.to_thread(self._prepare, password)
             self.proc = await asyncio.create_subprocess_exec(
                 *self._as_user(), BOINC, "--dir", str(self.data), "--gui_rpc_port", str(port),
