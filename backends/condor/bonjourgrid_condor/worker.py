@@ -80,7 +80,6 @@ class CondorWorker(WorkerHalf):
         await master.start()
         return master
 
-
     async def _set_owner(self, local: Path, busy: bool) -> None:
         tmp = local / "owner.config.tmp"
         tmp.write_text(cfg.owner_config(busy))
