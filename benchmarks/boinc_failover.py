@@ -18,24 +18,15 @@ import signal
 import statistics
 import subprocess
 import tempfile
-import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
 
 from bonjourgrid.gridkey import GridKey
-from bonjourgrid.testbed import Host, Testbed, bonjourgrid_argv, wait_for
+from bonjourgrid.testbed import HASH_TASK_PY, Host, Testbed, bonjourgrid_argv, wait_for
 
 NODE_ARGS = ("--cpus", "2", "--owner-cpu", "100", "--failover-timeout", "1", "--lease", "6")
 TASKS = 20
-WORK_PY = textwrap.dedent("""
-    import hashlib, sys
-    i = int(sys.argv[1])
-    data = open("data.txt", "rb").read()
-    with open(f"out-{i}.txt", "w") as f:
-        f.write(f"{i} {hashlib.sha256(data + str(i).encode()).hexdigest()}\\n")
-    print(f"task {i} ok")
-""")
 JOB = f"""
 name = "bench-boinc"
 backend = "boinc"
@@ -68,7 +59,7 @@ def one_run(crash: bool, logs: Path | None = None) -> tuple[float, float | None]
         GridKey.generate().write(key)
         job = Path(d) / "job"
         job.mkdir()
-        (job / "work.py").write_text(WORK_PY)
+        (job / "work.py").write_text(HASH_TASK_PY)
         (job / "data.txt").write_text("some shared input data\n" * 1000)
         (job / "job.toml").write_text(JOB)
         procs = [h.spawn(bonjourgrid_argv("node", "--key-file", str(key), "--state-dir", str(Path(d) / h.name),

@@ -25,6 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "bgt-"
+# A task with an input and an output that the tests and benchmarks share: task i hashes data.txt
+# with i into out-<i>.txt and prints "task <i> ok".
+HASH_TASK_PY = """\
+import hashlib, sys
+i = int(sys.argv[1])
+data = open("data.txt", "rb").read()
+with open(f"out-{i}.txt", "w") as f:
+    f.write(f"{i} {hashlib.sha256(data + str(i).encode()).hexdigest()}\\n")
+print(f"task {i} ok")
+"""
 SUBNET = "10.213.0"  # only ever inside the namespaces this module creates
 
 

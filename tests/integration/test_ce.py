@@ -13,16 +13,8 @@ from conftest import GridNode
 
 from bonjourgrid.envelope import Envelope, seal
 from bonjourgrid.gridkey import GridKey
+from bonjourgrid.testbed import HASH_TASK_PY as WORK_PY
 from bonjourgrid.testbed import wait_for
-
-WORK_PY = textwrap.dedent("""
-    import hashlib, sys
-    i = int(sys.argv[1])
-    data = open("data.txt", "rb").read()
-    with open(f"out-{i}.txt", "w") as f:
-        f.write(f"{i} {hashlib.sha256(data + str(i).encode()).hexdigest()}\\n")
-    print(f"task {i} ok")
-""")
 
 
 def write_job(d: Path, body: str, files: dict[str, str] | None = None) -> Path:

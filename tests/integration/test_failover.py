@@ -15,10 +15,17 @@ from bonjourgrid.testbed import wait_for
 FAST = ("--cpus", "1", "--failover-timeout", "1", "--lease", "6")
 
 
-def start_job(node: GridNode, res: Path, n: int, sleep: float, *extra: str):
-    return node.host.spawn(node.cli_argv(
-        "submit", "--json", "--results", str(res), "--tasks", str(n), "--output", "out.txt", *extra, "--",
-        "sh", "-c", f"sleep {sleep}; echo {{i}} > out.txt; echo t{{i}}"), "submit")
+def start_job(node: GridNode, res: Path, n: int, sleep: float, *extra: str, replicas: int | None = None):
+    """Task i writes i to out.txt and prints t<i>; with `replicas`, through a job file (no CLI flag for it)."""
+    command = f"sleep {sleep}; echo {{i}} > out.txt; echo t{{i}}"
+    if replicas is None:
+        what = ["--tasks", str(n), "--output", "out.txt", *extra, "--", "sh", "-c", command]
+    else:
+        job = res.parent / "job.toml"
+        job.write_text(f'name = "failover"\nreplicas = {replicas}\noutputs = ["out.txt"]\n[sweep]\n'
+                       f'argv = ["sh", "-c", "{command}"]\ncount = {n}\n')
+        what = [*extra, str(job)]
+    return node.host.spawn(node.cli_argv("submit", "--json", "--results", str(res), *what), "submit")
 
 
 def done_count(node: GridNode) -> int:
@@ -88,11 +95,8 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     nodes = g.start_all(*FAST)
     wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
     res = tmp_path / "res"
-    job = tmp_path / "job.toml"
     # long enough that the successor's replica catches up (seconds: it fetches every output) before the end
-    job.write_text('name = "twice"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
-                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 300\n')
-    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
+    sub = start_job(nodes[0], res, 300, 0.1, replicas=2)
     wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
     nodes[0].proc.kill()
     first = wait_for(lambda: who_coordinates(nodes[1:]), 30, 0.2, "a successor")
@@ -238,10 +242,7 @@ def test_coordinator_and_first_replica_killed_together_the_second_takes_over(gri
     nodes = g.start_all(*FAST)
     wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
     res = tmp_path / "res"
-    job = tmp_path / "job.toml"
-    job.write_text('name = "two-down"\nreplicas = 2\noutputs = ["out.txt"]\n[sweep]\n'
-                   'argv = ["sh", "-c", "sleep 0.1; echo {i} > out.txt; echo t{i}"]\ncount = 150\n')
-    sub = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)), "submit")
+    sub = start_job(nodes[0], res, 150, 0.1, replicas=2)
     first, second = replicas_of(nodes[0], nodes, 2)
     wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
     wait_for(lambda: nodes[0].proc.output().count("holds the journal") >= 2, 30, 0.1, "both replicas to catch up")
