@@ -81,6 +81,14 @@ class WorkerHalf(ABC):
     async def on_message(self, env: Envelope) -> None:
         """A message from the coordinator for this backend."""
 
+    async def running(self) -> list[int]:
+        """Tasks this half still holds: a new coordinator leaves them to us (told in our hello)."""
+        return []
+
+    async def reattached(self) -> None:
+        """The worker follows a new coordinator, or is back on the bus after losing it."""
+        return None  # nothing to redo unless the backend says so
+
 
 class Backend(ABC):
     name: str

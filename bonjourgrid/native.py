@@ -181,7 +181,7 @@ class NativeWorker(WorkerHalf):
             for t in list(self._running):
                 t.cancel()
 
-    def running(self) -> list[int]:
+    async def running(self) -> list[int]:
         """Tasks in hand (running or queued here): a new coordinator leaves them to us."""
         return sorted(self.running_now)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import shutil
 import time
@@ -136,19 +135,8 @@ class WorkerCE:
         await self.bus.subscribe(topic(self.grid, self.ce, "w", self.node_id), self._on_message)
         await self.bus.subscribe(topic(self.grid, self.ce, "all"), self._on_message)
         await self.bus.connect()
-        await self.publish("hello", {"slots": self.slots, "session": self.bus.session,
-                                     "running": await self._running()})
-
-    async def _running(self) -> list[int]:
-        """The tasks our half still holds (a new coordinator leaves them to us); the half may have to ask
-        its middleware, so `running()` may be a coroutine."""
-        fn = getattr(self.half, "running", None)
-        if fn is None:
-            return []
-        got = fn()
-        if inspect.isawaitable(got):
-            got = await got
-        return list(got)
+        running = await self.half.running() if self.half is not None else []
+        await self.publish("hello", {"slots": self.slots, "session": self.bus.session, "running": running})
 
     # ------------------------------------------------------------- failover --
 
@@ -208,7 +196,7 @@ class WorkerCE:
             log.warning("CE %s: cannot reach the coordinator's bus again yet: %s", self.ce, e)
             return
         log.warning("CE %s: reconnected to coordinator %s after losing the bus", self.ce, self.coordinator[:8])
-        if self.half is not None and hasattr(self.half, "reattached"):
+        if self.half is not None:
             await self.half.reattached()
 
     async def follow(self, coordinator: str, epoch: int, bus: str, data: str | None) -> None:
@@ -226,7 +214,7 @@ class WorkerCE:
             except BusError as e:
                 log.warning("CE %s: cannot reach the new coordinator's bus yet: %s", self.ce, e)
                 return
-        if self.half is not None and hasattr(self.half, "reattached"):
+        if self.half is not None:
             await self.half.reattached()
 
     # -------------------------------------------------------------- helpers --
