@@ -1,27 +1,33 @@
-"""The CE's MQTT broker: an embedded amqtt broker in a child process, or Mosquitto.
+"""The CE's MQTT broker, started by the coordinator for each CE: Mosquitto if installed, else amqtt.
 
-Why a child process: the broker gets its own core (amqtt saturates one at about
-3,000 msg/s) and a broker crash cannot take the coordinator down with it. The
-child dies with its parent: it watches its stdin pipe (EOF = parent gone, whatever
-thread started it) and, when started from the main thread, also asks the kernel
-for PR_SET_PDEATHSIG (which fires when the *thread* that forked it exits, hence the
-main-thread condition).
+Mosquitto (a C broker from the distribution) costs a few microseconds of CPU per message; the
+pip-installed amqtt about a millisecond, as much as a short task, on cores the tasks need. So a
+coordinator uses Mosquitto when the binary is there (`--ce-broker auto`, the default) and amqtt
+otherwise: nothing beyond pip is required, and a desktop with Mosquitto gets the faster one.
 
-Only grid members may connect: the broker accepts exactly one username/password
-pair, derived from the grid key and the CE id by `bus.bus_credentials`. The
-credentials reach the child on its stdin, never on its command line (which any
-local user can read in /proc).
+Either way the broker is a child process: it gets its own core and a broker crash cannot take
+the coordinator down with it. It dies with the coordinator. amqtt watches its stdin pipe (EOF =
+parent gone, whatever thread started it) and, when started from the main thread, also asks the
+kernel for PR_SET_PDEATHSIG; Mosquitto is started from the event loop's thread with
+PR_SET_PDEATHSIG (which fires when the *thread* that forked it exits).
 
-Run as `python -m bonjourgrid.broker --host H --port P`; the child reads one JSON
-line of settings on stdin, prints `READY <port>` on stdout once it listens.
+Only grid members may connect: the broker accepts exactly one username/password pair, derived
+from the grid key and the CE id by `bus.bus_credentials`. The password never appears on a command
+line (which any local user can read in /proc): amqtt reads it on its stdin, Mosquitto from a
+password file (PBKDF2-SHA512) we write, readable by us alone.
+
+amqtt runs as `python -m bonjourgrid.broker --host H --port P`; the child reads one JSON line of
+settings on stdin, prints `READY <port>` on stdout once it listens.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import ctypes
+import hashlib
 import hmac
 import json
 import logging
@@ -37,6 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
 
@@ -44,6 +51,7 @@ log = logging.getLogger("bonjourgrid.broker")  # not __main__ when run with -m
 
 PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 15.0
+CE_BROKERS = ("auto", "mosquitto", "amqtt")
 _PKG_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -231,7 +239,11 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
-# -- Mosquitto (external broker, for tests, benchmarks and sites that prefer it) ---------------
+# -- Mosquitto ---------------------------------------------------------------------------------
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 
 
 def mosquitto_config(port: int, host: str = "127.0.0.1", password_file: Path | None = None) -> str:
@@ -255,6 +267,30 @@ def mosquitto_config(port: int, host: str = "127.0.0.1", password_file: Path | N
     return "\n".join(lines) + "\n"
 
 
+def mosquitto_password_line(username: str, password: str, iterations: int = 101) -> str:
+    """One entry of a Mosquitto 2 password file, `$7$` format (PBKDF2-SHA512), as `mosquitto_passwd` writes it.
+
+    Written here rather than by `mosquitto_passwd -b`, which takes the password on its command line.
+    """
+    if ":" in username or "\n" in username:
+        raise ValueError("a Mosquitto user name cannot hold ':' or a newline")
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"{username}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n"
+
+
+def _die_with_this_thread(parent_pid: int) -> Any:
+    """A preexec_fn: the child gets SIGTERM when the thread that started it exits (or dies at once if it did)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: no dlopen in the forked child
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
 def start_mosquitto(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -263,36 +299,80 @@ def start_mosquitto(
     password: str | None = None,
     log_file: Path | None = None,
     timeout: float = 10.0,
+    die_with_thread: bool = False,
 ) -> BrokerHandle:
-    """Start `mosquitto` (>= 2.0) as a child with a config in a temp dir; port 0 = a free port picked here."""
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    """Start `mosquitto` (>= 2.0) as a child with a config in a private temp dir; port 0 = a free port picked here.
+
+    With `die_with_thread` the broker is stopped by the kernel when the calling thread exits
+    (call it from the event loop's thread: it blocks only for the fork, not for the start-up).
+    """
+    handle = _spawn_mosquitto(host, port, username, password, log_file, die_with_thread)
+    try:
+        _wait_accepting(handle.host, handle.port, time.monotonic() + timeout, handle.proc, "mosquitto")
+    except BrokerError as e:
+        tail = _tail(handle.log_file)
+        handle.stop(timeout=1.0)
+        raise BrokerError(f"{e}\n--- mosquitto log ---\n{tail}") from None
+    return handle
+
+
+async def start_mosquitto_async(host: str, port: int = 0, *, timeout: float = 10.0, **kwargs: Any) -> BrokerHandle:
+    """`start_mosquitto` tied to the event loop's thread, without blocking the loop while it starts.
+
+    A free port picked here can be taken before Mosquitto binds it: then it tries another one.
+    """
+    for attempt in range(3 if port == 0 else 1):
+        handle = _spawn_mosquitto(host, port, die_with_thread=True, **kwargs)
+        try:
+            await asyncio.to_thread(_wait_accepting, handle.host, handle.port, time.monotonic() + timeout,
+                                    handle.proc, "mosquitto")
+            return handle
+        except BrokerError as e:
+            tail = _tail(handle.log_file)
+            await asyncio.to_thread(handle.stop, 1.0)
+            if attempt == 2 or port != 0 or "Address already in use" not in tail:
+                raise BrokerError(f"{e}\n--- mosquitto log ---\n{tail}") from None
+    raise AssertionError("unreachable")
+
+
+def _spawn_mosquitto(host: str, port: int, username: str | None = None, password: str | None = None,
+                     log_file: Path | None = None, die_with_thread: bool = False) -> BrokerHandle:
+    exe = mosquitto_binary()
     if exe is None:
         raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto)")
+    if (username is None) != (password is None):
+        raise ValueError("give both username and password, or neither")
     if port == 0:
         port = _free_port(host)
-    tmp = Path(tempfile.mkdtemp(prefix="bg-mosquitto-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bg-mosquitto-"))  # mode 0700: the password file stays ours
     pwfile = None
-    if username is not None:
+    if username is not None and password is not None:
         pwfile = tmp / "passwd"
-        pw_exe = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-        subprocess.run([pw_exe, "-c", "-b", str(pwfile), username, password or ""], check=True, capture_output=True)
+        pwfile.write_text(mosquitto_password_line(username, password))
     conf = tmp / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, host, pwfile))
     owns_log = log_file is None
     log_file = Path(log_file) if log_file is not None else tmp / "mosquitto.log"
+    preexec = _die_with_this_thread(os.getpid()) if die_with_thread else None
     with open(log_file, "ab") as logf:
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True, preexec_fn=preexec)
     handle = BrokerHandle(
         url=f"mqtt://{_url_host(host)}:{port}", host=host, port=port, proc=proc, log_file=log_file, _cleanup=[tmp]
     )
     handle._owns_log = owns_log
-    try:
-        _wait_accepting(host, port, time.monotonic() + timeout, proc, "mosquitto")
-    except BrokerError as e:
-        tail = _tail(log_file)
-        handle.stop(timeout=1.0)
-        raise BrokerError(f"{e}\n--- mosquitto log ---\n{tail}") from None
     return handle
+
+
+async def start_ce_broker(kind: str, host: str, *, username: str, password: str, log_file: Path) -> BrokerHandle:
+    """The broker of one CE: `kind` is one of CE_BROKERS (`auto`: Mosquitto if installed, else amqtt)."""
+    if kind not in CE_BROKERS:
+        raise BrokerError(f"unknown CE broker {kind!r} (expected one of {', '.join(CE_BROKERS)})")
+    if kind == "mosquitto" or (kind == "auto" and mosquitto_binary()):
+        handle = await start_mosquitto_async(host, 0, username=username, password=password, log_file=log_file)
+        log.info("CE broker: mosquitto pid %d listening at %s", handle.pid, handle.url)
+        return handle
+    return await start_embedded_broker_async(host, 0, username=username, password=password, log_file=log_file)
 
 
 def _free_port(host: str) -> int:

@@ -219,8 +219,12 @@ def node(
     ] = 10.0,
     broker: Annotated[
         str | None, typer.Option(help="External MQTT broker for the CEs this node coordinates, mqtt://HOST:PORT "
-                                 "(default: an embedded one per CE).")
+                                 "(default: one per CE, started by this node; see --ce-broker).")
     ] = None,
+    ce_broker: Annotated[
+        str, typer.Option(help="The broker each CE of this node starts: auto (Mosquitto if installed, else the "
+                          "built-in amqtt), mosquitto or amqtt.")
+    ] = "auto",
     failover_timeout: Annotated[
         float, typer.Option(help="Workers of this node's CEs suspect it after this many seconds without a "
                             "heartbeat; replicas then take over in rank order.", min=0.2)
@@ -232,13 +236,18 @@ def node(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
+    from .broker import CE_BROKERS, mosquitto_binary
     from .mdns import DuplicateNodeId
     from .node import NodeDaemon
 
+    if ce_broker not in CE_BROKERS:
+        raise fail(f"--ce-broker must be one of {', '.join(CE_BROKERS)}, not {ce_broker!r}")
+    if ce_broker == "mosquitto" and not mosquitto_binary():
+        raise fail("--ce-broker mosquitto: mosquitto is not installed (apt-get install mosquitto)")
     setup_logging(log_level)
     config = node_config(key_file, grid, state_dir, interface, cpus, memory, tag, port, name,
                          OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)
-    config.broker_url = broker
+    config.broker_url, config.ce_broker = broker, ce_broker
     config.failover_timeout_s, config.lease_s = failover_timeout, lease
     try:
         daemon = NodeDaemon(config)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_WINDOW_S = 120
 CHUNK = 1 << 20
+SHUTDOWN_POLL_S = 0.05
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _OUT_RE = re.compile(r"^/outputs/(\d{1,9})/(\d{1,6})/(.+)$")  # PUT: an attempt's upload
 _REC_RE = re.compile(r"^/outputs/(\d{1,9})/(.+)$")  # GET: a recorded output
@@ -142,7 +143,10 @@ class DataServer:
         self._httpd = ThreadingHTTPServer((host, 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="bg-data", daemon=True)
+        # shutdown() waits for the serve loop to look at its flag, once per poll interval: the
+        # default 0.5 s was most of the time from a job's end to its node being Idle again.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(SHUTDOWN_POLL_S,), name="bg-data",
+                                        daemon=True)
 
     def _resolve_get(self, url_path: str) -> Path | None:
         """`/inputs/<sha256>` or `/outputs/<index>/<path>`; None for anything else or outside."""

@@ -62,6 +62,7 @@ class NodeConfig:
     port: int = 0
     host: str = field(default_factory=lambda: safe_hostname(socket.gethostname()))
     broker_url: str | None = None  # external MQTT broker for the CEs this node coordinates
+    ce_broker: str = "auto"  # else, the broker each CE starts: auto (Mosquitto if installed), mosquitto, amqtt
     lease_s: float = 30.0  # workers of our CEs go back to Idle after this long without us
     failover_timeout_s: float = 1.0  # our workers suspect us after this long without a heartbeat
 

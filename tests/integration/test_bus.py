@@ -350,14 +350,24 @@ def test_embedded_broker_start_failure_is_clear() -> None:
     assert "broker log" in msg and ("in use" in msg or "Errno 98" in msg), msg
 
 
-def test_embedded_broker_dies_with_its_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+def test_a_ce_broker_dies_with_its_parent(tmp_path: Path, kind: str) -> None:
+    """A coordinator killed with SIGKILL takes its CE's broker along: its workers must notice it is gone."""
+    if kind == "mosquitto" and shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
     code = textwrap.dedent(
         f"""
-        import time
-        from bonjourgrid.broker import start_embedded_broker
-        h = start_embedded_broker("127.0.0.1", 0, log_file={str(tmp_path / "broker.log")!r})
-        print(h.pid, flush=True)
-        time.sleep(3600)
+        import asyncio
+        from pathlib import Path
+        from bonjourgrid.broker import start_ce_broker
+
+        async def main():
+            h = await start_ce_broker({kind!r}, "127.0.0.1", username="u", password="p",
+                                      log_file=Path({str(tmp_path / "broker.log")!r}))
+            print(h.pid, flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
         """
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))

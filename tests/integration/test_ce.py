@@ -281,3 +281,26 @@ def test_a_ce_on_an_external_mosquitto_broker(grid, tmp_path):
     assert summary["tasks_done"] == 30 and summary["workers_used"] == 2
     assert "mqtt://10.213.0.1:1883" in nodes[0].proc.output()
     assert broker.alive()
+
+
+def test_each_ce_broker_a_node_can_start(grid, tmp_path):
+    """`--ce-broker`: the built-in amqtt (what a desktop without Mosquitto gets) and Mosquitto both carry a CE."""
+    import shutil
+
+    import pytest
+
+    if not shutil.which("mosquitto"):
+        pytest.skip("mosquitto is not installed (scripts/setup.sh installs it)")
+    g = grid(4)
+    h = g.testbed.hosts
+    coords = {"amqtt": g.start(h[0], "--ce-broker", "amqtt"), "mosquitto": g.start(h[1], "--ce-broker", "mosquitto")}
+    workers = [g.start(h[2], "--cpus", "1"), g.start(h[3], "--cpus", "1")]
+    wait_for(lambda: len(workers[0].sees()) == 4, 30, 0.2, "four nodes")
+    for kind, says in (("amqtt", "embedded MQTT broker pid"), ("mosquitto", "CE broker: mosquitto pid")):
+        code, summary, stderr = submit(coords[kind], "--tasks", "30", "--results", str(tmp_path / kind), "--",
+                                       "echo", "{i}")
+        assert code == 0, stderr
+        assert summary["tasks_done"] == 30 and summary["workers_used"] >= 2  # the other coordinator may help
+        assert (tmp_path / kind / "29" / "stdout").read_text() == "29\n"
+        assert says in coords[kind].proc.output()
+    wait_for(lambda: set(workers[0].sees().values()) == {"idle"}, 30, 0.2, "every node idle")
