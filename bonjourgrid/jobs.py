@@ -46,15 +46,14 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
     except backends.BackendError as e:
         raise JobRequestError(str(e)) from None
     state = daemon.machine.state
-    if state.role is not Role.IDLE:
-        raise JobRequestError(
-            f"this node is busy as a {state.role.value} of CE {state.ce}; submit from another node or wait"
-        )
+    if state.role is Role.COORDINATOR:
+        raise JobRequestError(f"this node already coordinates CE {state.ce}; submit from another node or wait")
     job_id = f"{spec.name[:40]}-{secrets.token_hex(3)}"
     ce = CoordinatorCE(daemon, spec, job_id, ces_dir(daemon) / job_id,
                        broker_url=body.get("broker") or daemon.config.broker_url, **_timing(daemon))
-    # Claim the role first, so a second submit arriving meanwhile is refused.
-    await daemon.feed(ns.Coordinate(ce.ce, ce.epoch))
+    # Claim the role first, so a second submit arriving meanwhile is refused. A node lent to
+    # another CE leaves it in the same step: its owner's job comes first.
+    await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, preempts=True))
     daemon.ces[job_id] = ce
     try:
         await ce.start()

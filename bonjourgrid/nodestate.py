@@ -62,12 +62,17 @@ class Release:
 
 @dataclass(frozen=True)
 class Coordinate:
-    """This node starts (or, after a failover, takes over) the coordination of a CE."""
+    """This node starts (or, after a failover, takes over) the coordination of a CE.
+
+    `preempts`: the job was submitted on this node. A desktop lent to someone else's CE is still
+    its owner's: it leaves that CE (whose coordinator runs the tasks elsewhere) in the same step.
+    """
 
     ce: str
     epoch: int
     bus: str | None = None
     data: str | None = None
+    preempts: bool = False
 
 
 @dataclass(frozen=True)
@@ -265,10 +270,12 @@ def _release(s: NodeState, e: Release) -> tuple[NodeState, list[Action]]:
 def _coordinate(s: NodeState, e: Coordinate) -> tuple[NodeState, list[Action]]:
     takeover = s.role is Role.WORKER and s.ce == e.ce and e.epoch > s.epoch
     again = s.role is Role.COORDINATOR and s.ce == e.ce and e.epoch >= s.epoch
-    if not (s.role is Role.IDLE or takeover or again):
+    preempt = s.role is Role.WORKER and s.ce != e.ce and e.preempts
+    if not (s.role is Role.IDLE or takeover or again or preempt):
         raise InvalidTransition(f"cannot coordinate CE {e.ce}: this node is a {s.role.value} of CE {s.ce}")
+    actions: list[Action] = [LeftCE(s.ce or "", "left for a job submitted on this node")] if preempt else []
     return _with(s, role=Role.COORDINATOR, ce=e.ce, coordinator=None, epoch=e.epoch, bus=e.bus,
-                 data=e.data, lease_until=0.0), []
+                 data=e.data, lease_until=0.0), actions
 
 
 def _end_coordination(s: NodeState, e: EndCoordination) -> tuple[NodeState, list[Action]]:

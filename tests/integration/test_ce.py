@@ -117,6 +117,26 @@ def test_two_jobs_from_two_nodes_at_once_share_no_node(grid, tmp_path):
                 member_of = None
 
 
+def test_a_desktop_lent_to_a_ce_can_still_submit_its_own_job(grid, tmp_path):
+    """Its owner's job comes first: the node leaves the CE it works for, which runs its tasks elsewhere."""
+    g = grid(4)
+    nodes = g.start_all("--cpus", "1")
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    a = nodes[0].host.spawn([*nodes[0].cli_argv("submit", "--json", "--results", str(tmp_path / "a"),
+                                                "--tasks", "12", "--", "sh", "-c", "sleep 0.5; echo a{i}")], "job-a")
+    lent = wait_for(lambda: next((n for n in nodes[1:] if nodes[0].sees().get(n.host.name) == "worker"), None),
+                    60, 0.1, "a worker of the first job")
+    code, summary, stderr = submit(lent, "--tasks", "3", "--results", str(tmp_path / "b"), "--", "echo", "b{i}")
+    assert code == 0, stderr
+    assert summary["tasks_done"] == 3 and (tmp_path / "b" / "2" / "stdout").read_text() == "b2\n"
+    wait_for(lambda: not a.alive(), 120, 0.3, "the first job to end")
+    assert a.popen.returncode == 0, a.output()[-3000:]
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert first["state"] == "done" and first["tasks_done"] == 12 and first["tasks_failed"] == 0
+    assert all((tmp_path / "a" / f"{i:02d}" / "stdout").read_text() == f"a{i}\n" for i in range(12))
+    assert "left for a job submitted on this node" in lent.proc.output()
+
+
 def test_failing_task_is_retried_then_reported_with_its_stderr(grid, tmp_path):
     g = grid(3)
     nodes = g.start_all()

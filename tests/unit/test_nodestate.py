@@ -87,6 +87,17 @@ def test_worker_takes_over_its_own_ce_only_with_higher_epoch(m):
     assert m.handle(ns.Coordinate("ce1", 2))[0].role is Role.COORDINATOR
 
 
+def test_a_job_submitted_on_a_worker_takes_the_node_out_of_the_other_ce(m):
+    m.handle(recruit("ce1", epoch=1))
+    acts = m.handle(ns.Coordinate("mine", 1, preempts=True))
+    assert acts == [ns.Publish(Role.COORDINATOR, ce="mine", epoch=1),
+                    ns.LeftCE("ce1", "left for a job submitted on this node")]
+    assert m.state.role is Role.COORDINATOR and m.state.ce == "mine" and m.state.coordinator is None
+    assert m.handle(ns.Release("ce1", 1)) == []  # the old CE's release finds nothing to end
+    with pytest.raises(ns.InvalidTransition):  # one job per node: a coordinator is not preempted
+        m.handle(ns.Coordinate("other", 1, preempts=True))
+
+
 def test_shutdown_withdraws_and_refuses_everything_after(m):
     m.handle(recruit())
     acts = m.handle(ns.Shutdown())
@@ -113,7 +124,8 @@ def test_exactly_one_service_whatever_the_event_sequence():
             ev = rng.choice([
                 ns.OwnerBusy(), ns.OwnerFree(), recruit(rng.choice(["a", "b"]), rng.randint(1, 3), now=step),
                 ns.Release(rng.choice(["a", "b"]), rng.randint(1, 3)), ns.Tick(step * rng.random() * 3),
-                ns.Coordinate(rng.choice(["a", "c"]), rng.randint(1, 4)), ns.EndCoordination(rng.choice(["a", "c"])),
+                ns.Coordinate(rng.choice(["a", "c"]), rng.randint(1, 4), preempts=rng.random() < 0.5),
+                ns.EndCoordination(rng.choice(["a", "c"])),
                 ns.RenewLease("a", 2, 5.0, now=step),
             ])
             try:
