@@ -351,6 +351,9 @@ class Journal:
         # dropped on every rollback.
         self._seq: int | None = None
         self._ep: int | None = None
+        # Seq of the newest committed change, for readers on an event loop: a plain attribute, so
+        # they never wait for the lock while a batch holds it through its fsync.
+        self.committed_seq = self.last_seq()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -464,6 +467,7 @@ class Journal:
                 finally:
                     if not durable:
                         self._conn.execute("PRAGMA synchronous=FULL")
+                self.committed_seq = self._last_seq()
 
     def _rollback(self) -> None:
         self._seq = self._ep = None

@@ -83,7 +83,7 @@ class ReplicationSender:
             journal = self.ce.journal
             if journal is None:
                 return
-            last = journal.last_seq()
+            last = journal.committed_seq
             now = time.monotonic()
             for node in list(self.replicas):
                 done = self.acked.get(node, 0)

@@ -259,6 +259,33 @@ def test_batch_is_one_transaction(journal: Journal) -> None:
     assert [c.seq for c in journal.changes_since(0)] == list(range(1, 7))
 
 
+def test_committed_seq_is_readable_while_a_batch_holds_the_lock(journal: Journal) -> None:
+    """The event loop reads it while a thread commits: never blocked, never ahead of the disk."""
+    import threading
+
+    make_job(journal)
+    assert journal.committed_seq == 1
+    inside, go_on = threading.Event(), threading.Event()
+
+    def commit() -> None:
+        with journal.batch():
+            journal.mark_running("job1", 0, "n1", 1.0)
+            inside.set()
+            go_on.wait(10)
+
+    t = threading.Thread(target=commit)
+    t.start()
+    assert inside.wait(10)
+    assert journal.committed_seq == 1  # the change is not committed yet (and reading did not wait)
+    go_on.set()
+    t.join(10)
+    assert journal.committed_seq == journal.last_seq() == 2
+    with pytest.raises(RuntimeError), journal.batch():
+        journal.mark_running("job1", 1, "n1", 1.0)
+        raise RuntimeError("rolled back")
+    assert journal.committed_seq == journal.last_seq() == 2
+
+
 def test_state_survives_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "ce.db"
     j = Journal.open(path)
