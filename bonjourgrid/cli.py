@@ -236,14 +236,14 @@ def node(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
-    from .broker import CE_BROKERS, mosquitto_binary
+    from .broker import CE_BROKERS, mosquitto_problem
     from .mdns import DuplicateNodeId
     from .node import NodeDaemon
 
     if ce_broker not in CE_BROKERS:
         raise fail(f"--ce-broker must be one of {', '.join(CE_BROKERS)}, not {ce_broker!r}")
-    if ce_broker == "mosquitto" and not mosquitto_binary():
-        raise fail("--ce-broker mosquitto: mosquitto is not installed (apt-get install mosquitto)")
+    if ce_broker == "mosquitto" and mosquitto_problem():
+        raise fail(f"--ce-broker mosquitto: {mosquitto_problem()}")
     setup_logging(log_level)
     config = node_config(key_file, grid, state_dir, interface, cpus, memory, tag, port, name,
                          OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)

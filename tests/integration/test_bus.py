@@ -388,6 +388,35 @@ def test_a_ce_broker_dies_with_its_parent(tmp_path: Path, kind: str) -> None:
     raise AssertionError("the broker outlived its parent")
 
 
+def test_auto_ce_broker_falls_back_to_amqtt_without_a_usable_mosquitto(tmp_path: Path, monkeypatch) -> None:
+    """A desktop with Mosquitto 1.x (which reads neither our config nor our password file) gets amqtt."""
+    from bonjourgrid.broker import mosquitto_problem, start_ce_broker
+
+    old = tmp_path / "mosquitto"
+    old.write_text("#!/bin/sh\necho 'mosquitto version 1.6.9'\nexit 3\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    mosquitto_problem.cache_clear()
+    try:
+        assert "not Mosquitto 2 or newer" in (mosquitto_problem() or "")
+        key = GridKey.generate()
+        user, pw = bus_credentials(key, GRID, CE)
+
+        async def main() -> None:
+            broker = await start_ce_broker("auto", HOST, username=user, password=pw, log_file=tmp_path / "b.log")
+            try:
+                assert "bonjourgrid.broker" in broker.proc.args  # the built-in one
+                bus = Bus(broker.url, key, GRID, "member", username=user, password=pw)
+                await bus.connect()
+                await bus.close()
+            finally:
+                broker.stop()
+
+        run(main())
+    finally:
+        mosquitto_problem.cache_clear()
+
+
 def test_stop_is_idempotent() -> None:
     h = start_embedded_broker(HOST, 0)
     assert h.alive() and h.url == f"mqtt://{HOST}:{h.port}"
