@@ -262,13 +262,22 @@ class NodeDaemon:
                     await self._publisher.flush()
                 case ns.LeftCE(ce=ce, reason=reason):
                     log.info("left CE %s: %s", ce, reason)
-                    if self.worker is not None and self.worker.ce == ce:
-                        worker, self.worker = self.worker, None
-                        self.spawn(worker.stop())
+                    self._stop_working_for(ce)
+                case ns.OwnerReclaims(ce=ce):
+                    # Give the tasks back (their CE reruns them elsewhere, no failure counted), as
+                    # HTCondor vacates a job when the owner returns. The worker's end then feeds
+                    # Release, and the owner-busy node goes quiet until its owner is done.
+                    log.info("the owner needs this machine: leaving CE %s", ce)
+                    self._stop_working_for(ce)
                 case ns.Refused(ce=ce, reason=reason):
                     log.info("refused CE %s: %s", ce, reason)
                 case _:
                     log.debug("action %s", action)
+
+    def _stop_working_for(self, ce: str) -> None:
+        if self.worker is not None and self.worker.ce == ce:
+            worker, self.worker = self.worker, None
+            self.spawn(worker.stop())
 
     def _announcement(self, svc: ns.Publish) -> Announcement:
         cfg, res = self.config, self.resources

@@ -11,7 +11,7 @@ publishes is a function of both: it is never stored, always derived, so the
 
     role         owner free        owner busy
     idle         Idle service      (nothing: not recruitable)
-    worker       Worker service    Worker service (tasks are suspended/given back)
+    worker       Worker service    Worker service until it has left the CE (tasks given back)
     coordinator  Coordinator       Coordinator (a coordinator is light)
 """
 

@@ -137,6 +137,34 @@ def test_a_desktop_lent_to_a_ce_can_still_submit_its_own_job(grid, tmp_path):
     assert "left for a job submitted on this node" in lent.proc.output()
 
 
+def test_a_worker_whose_owner_comes_back_gives_its_tasks_back(grid, tmp_path):
+    """Owner policy while lent: the node leaves the CE, whose job still ends with every result."""
+    import os
+    import sys
+
+    g = grid(3)
+    h = g.testbed.hosts
+    nodes = [g.start(h[0]), g.start(h[1], "--cpus", "1"),
+             g.start(h[2], "--cpus", "1", "--owner-cpu", "60", "--owner-busy-after", "1", "--owner-free-after", "1")]
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    job = nodes[0].host.spawn([*nodes[0].cli_argv("submit", "--json", "--results", str(tmp_path / "r"),
+                                                  "--tasks", "16", "--", "sh", "-c", "sleep 1; echo {i}")], "job")
+    wait_for(lambda: nodes[0].sees().get("host3") == "worker", 60, 0.1, "host3 to work for the job")
+    burners = [h[2].spawn([sys.executable, "-c", "while True: pass"], f"burner{i}") for i in range(os.cpu_count() or 1)]
+    try:
+        wait_for(lambda: "the owner needs this machine" in nodes[2].proc.output(), 60, 0.2, "host3 to give up")
+        wait_for(lambda: "host3" not in nodes[0].sees(), 30, 0.2, "host3 to withdraw")
+    finally:
+        for b in burners:
+            b.kill()
+    wait_for(lambda: not job.alive(), 180, 0.3, "the job to end")
+    assert job.popen.returncode == 0, job.output()[-3000:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == 16 and summary["tasks_failed"] == 0
+    assert all((tmp_path / "r" / f"{i:02d}" / "stdout").read_text() == f"{i}\n" for i in range(16))
+    wait_for(lambda: nodes[0].sees().get("host3") == "idle", 30, 0.2, "host3 back once its owner is done")
+
+
 def test_failing_task_is_retried_then_reported_with_its_stderr(grid, tmp_path):
     g = grid(3)
     nodes = g.start_all()
