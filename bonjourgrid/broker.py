@@ -354,7 +354,8 @@ async def start_mosquitto_async(host: str, port: int = 0, *, timeout: float = 10
 
 
 def _spawn_mosquitto(host: str, port: int, username: str | None = None, password: str | None = None,
-                     log_file: Path | None = None, die_with_thread: bool = False) -> BrokerHandle:
+                     log_file: Path | None = None, die_with_thread: bool = False,
+                     config_dir: Path | None = None) -> BrokerHandle:
     exe = mosquitto_binary()
     if exe is None:
         raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -362,7 +363,9 @@ def _spawn_mosquitto(host: str, port: int, username: str | None = None, password
         raise ValueError("give both username and password, or neither")
     if port == 0:
         port = _free_port(host)
-    tmp = Path(tempfile.mkdtemp(prefix="bg-mosquitto-"))  # mode 0700: the password file stays ours
+    # Mode 0700: the password file stays ours. In `config_dir` (a CE's own directory) it does not
+    # litter /tmp when the coordinator is killed before it can remove it.
+    tmp = Path(tempfile.mkdtemp(prefix="bg-mosquitto-", dir=config_dir))
     pwfile = None
     if username is not None and password is not None:
         pwfile = tmp / "passwd"
@@ -388,7 +391,8 @@ async def start_ce_broker(kind: str, host: str, *, username: str, password: str,
         raise BrokerError(f"unknown CE broker {kind!r} (expected one of {', '.join(CE_BROKERS)})")
     if kind == "mosquitto" or (kind == "auto" and mosquitto_problem() is None):
         try:
-            handle = await start_mosquitto_async(host, 0, username=username, password=password, log_file=log_file)
+            handle = await start_mosquitto_async(host, 0, username=username, password=password, log_file=log_file,
+                                             config_dir=log_file.parent)
         except BrokerError as e:
             if kind == "mosquitto":
                 raise
