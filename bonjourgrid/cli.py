@@ -242,8 +242,8 @@ def node(
 
     if ce_broker not in CE_BROKERS:
         raise fail(f"--ce-broker must be one of {', '.join(CE_BROKERS)}, not {ce_broker!r}")
-    if ce_broker == "mosquitto" and mosquitto_problem():
-        raise fail(f"--ce-broker mosquitto: {mosquitto_problem()}")
+    if ce_broker == "mosquitto" and (problem := mosquitto_problem()):
+        raise fail(f"--ce-broker mosquitto: {problem}")
     setup_logging(log_level)
     config = node_config(key_file, grid, state_dir, interface, cpus, memory, tag, port, name,
                          OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)

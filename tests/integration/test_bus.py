@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from bonjourgrid.broker import BrokerError, BrokerHandle, start_embedded_broker, start_mosquitto
+from bonjourgrid.broker import BrokerError, BrokerHandle, mosquitto_binary, start_embedded_broker, start_mosquitto
 from bonjourgrid.bus import Bus, BusError, bus_credentials, topic
 from bonjourgrid.envelope import Envelope, seal
 from bonjourgrid.gridkey import GridKey
@@ -47,7 +46,7 @@ class Site:
 
 def _start(kind: str, key: GridKey) -> Site:
     user, pw = bus_credentials(key, GRID, CE)
-    if kind == "mosquitto" and shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
+    if kind == "mosquitto" and mosquitto_binary() is None:
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
     start = start_embedded_broker if kind == "embedded" else start_mosquitto
     return Site(kind, start(HOST, 0, username=user, password=pw), key, user, pw)
@@ -353,7 +352,7 @@ def test_embedded_broker_start_failure_is_clear() -> None:
 @pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
 def test_a_ce_broker_dies_with_its_parent(tmp_path: Path, kind: str) -> None:
     """A coordinator killed with SIGKILL takes its CE's broker along: its workers must notice it is gone."""
-    if kind == "mosquitto" and shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
+    if kind == "mosquitto" and mosquitto_binary() is None:
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
     code = textwrap.dedent(
         f"""
