@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -86,6 +87,24 @@ def use_pidfd_child_watcher() -> None:
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(asyncio.get_running_loop())
         asyncio.set_child_watcher(watcher)
+
+
+GC_THRESHOLDS = (10_000, 10, 10)  # Python's are (700, 10, 10)
+
+
+def tune_gc() -> None:
+    """Collect cycles less often, and never walk what start-up built (modules, zeroconf, the loop).
+
+    Every task makes a handful of short-lived dicts and lists (JSON, envelopes), so at the
+    default threshold the collector ran every few tasks and, each tenth time, walked every
+    long-lived object too. With this, in 8 runs of a 2,000-task job against 8 without, alternated,
+    the coordinator and the workers each used about a fifth less user CPU per task, and the
+    steady rate rose by a fifth to a quarter. Objects frozen here live as long as the daemon
+    anyway; cyclic garbage is still collected, only in larger batches.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def load_node_id(state_dir: Path) -> str:
@@ -183,6 +202,7 @@ class NodeDaemon:
                 self.node_id, cfg.host, ", ".join(cfg.addresses), self.port, cfg.grid, cfg.cpus, cfg.memory_mib,
             )
             sampler = asyncio.ensure_future(self._sample_forever())
+            tune_gc()
             await self._stop.wait()
             sampler.cancel()
             self.stopping = True
