@@ -178,9 +178,10 @@ def collect_outputs(sandbox: Path, globs: tuple[str, ...]) -> tuple[OutputFile, 
 class SandboxPool:
     """One task directory per slot, emptied after each task and reused.
 
-    Creating and removing a sandbox (and its tmp/) per task cost more than a short task itself:
-    ext4 queues directory creation and removal behind the journals' fsyncs on the same disk. An
-    emptied directory needs only a scandir. A directory that cannot be emptied (a task took away
+    Creating and removing a sandbox (and its tmp/) per task cost more than a short task itself
+    on the test VM: on ext4 without a journal, every inode allocation skips, one by one, the
+    inodes freed in the last minute or so, so removals make later creations slow. An emptied
+    directory needs only a scandir. A directory that cannot be emptied (a task took away
     its permissions) is removed as well as possible and never reused.
     """
 
