@@ -160,6 +160,9 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
             await temp
 
 
+POLL_S = 0.25  # progress updates; the node answers sooner when the job ends
+
+
 class _Lost(Exception):
     pass
 
@@ -179,8 +182,9 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[d
         with Progress(*columns, console=err, transient=False, disable=quiet) as bar:
             t = bar.add_task(job, total=total, info="starting")
             while True:
+                asked = loop.time()
                 try:
-                    status = await node.ask("job", {"job": job}, timeout=3)
+                    status = await node.ask("job", {"job": job, "wait": POLL_S}, timeout=3 + POLL_S)
                     if status["state"] == "moved":
                         raise _Lost(status.get("message", "moved"))
                 except (NodeUnavailable, RequestFailed, _Lost) as e:
@@ -202,8 +206,8 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[d
                         err.print(f"detached: {job} keeps running; `bonjourgrid status {job}`, "
                                   f"`bonjourgrid results {job}`")
                         raise SystemExit(0)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(interrupted.wait(), 0.25)
+                with contextlib.suppress(asyncio.TimeoutError):  # a node that did not wait (an older one)
+                    await asyncio.wait_for(interrupted.wait(), max(POLL_S - (loop.time() - asked), 0))
     finally:
         loop.remove_signal_handler(signal.SIGINT)
 

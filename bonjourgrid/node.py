@@ -89,6 +89,7 @@ def use_pidfd_child_watcher() -> None:
         asyncio.set_child_watcher(watcher)
 
 
+MAX_STATUS_WAIT_S = 5.0  # a `job` request waits at most this long for the end (the client's timeout is longer)
 GC_THRESHOLDS = (10_000, 10, 10)  # Python's are (700, 10, 10)
 
 
@@ -410,8 +411,17 @@ class NodeDaemon:
         ce = await jobs.submit(self, req.body)
         return {"job": ce.job_id}
 
-    def _on_job(self, req: Envelope) -> dict[str, object]:
-        return jobs.job_status(self, str(req.body.get("job", "")))
+    async def _on_job(self, req: Envelope) -> dict[str, object]:
+        """A job's status; with `wait`, not before it ends or that many seconds pass (a long poll).
+
+        `submit` asks this way, so it learns of the end at once rather than at its next poll.
+        """
+        job, wait = str(req.body.get("job", "")), req.body.get("wait")
+        ce = self.ces.get(job)
+        if ce is not None and isinstance(wait, int | float) and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ce.wait(), min(float(wait), MAX_STATUS_WAIT_S))
+        return jobs.job_status(self, job)
 
     async def _on_cancel(self, req: Envelope) -> dict[str, object]:
         job = str(req.body.get("job", ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -295,6 +296,32 @@ def test_cancel_stops_a_job_and_releases_its_workers(grid, tmp_path):
     # no task process survives on the workers
     for n in nodes[1:]:
         assert [c for c in n.host.processes().values() if c.strip() == "sleep 30"] == []
+
+
+ASK_JOB_PY = """
+import asyncio, json, sys
+from pathlib import Path
+from bonjourgrid.gridkey import GridKey
+from bonjourgrid.localnode import LocalNode
+state_dir, key, grid, job, wait = sys.argv[1:]
+node = LocalNode.find(Path(state_dir), GridKey.read(Path(key)), grid)
+print(json.dumps(asyncio.run(node.ask("job", {"job": job, "wait": float(wait)}, timeout=60))))
+"""
+
+
+def test_a_status_request_that_waits_is_answered_when_the_job_ends(grid, tmp_path):
+    """How `submit` follows a job: its reply carries the end, not the state at the time of asking."""
+    g = grid(2)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    r = nodes[0].cli("submit", "--json", "--detach", "--tasks", "2", "--", "sleep", "3")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout.splitlines()[-1])["job"]
+    ask = [sys.executable, "-c", ASK_JOB_PY, str(nodes[0].state_dir), str(nodes[0].key_file), nodes[0].grid, job]
+    now = json.loads(nodes[0].host.run([*ask, "0"], timeout=60).stdout)
+    assert now["state"] == "running" and now["tasks_done"] == 0
+    end = json.loads(nodes[0].host.run([*ask, "30"], timeout=60).stdout)
+    assert end["state"] == "done" and end["tasks_done"] == 2
 
 
 def test_submit_without_a_local_node_runs_a_temporary_one(grid, tmp_path):
