@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -16,6 +17,7 @@ from .gridkey import GridKey
 from .wire import request
 
 NODE_FILE = "node.json"
+T = TypeVar("T")
 
 
 class NodeUnavailable(Exception):
@@ -71,8 +73,13 @@ async def wait_for_node(state_dir: Path, key: GridKey, grid: str, timeout: float
 
 
 async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> LocalNode | None:
-    """The node to ask about `job` now: its coordinator (highest claim announced over mDNS), or,
-    once the job is over and nobody coordinates it, any node that knows it (its last coordinator)."""
+    """The node to ask about `job` now: its coordinator (highest claim announced over mDNS).
+
+    If none is announced: a node that coordinated it and knows the end; else a replica of its
+    journal that knows the end (a replica gets every result and output file, and the end, from
+    the coordinator); else a node that coordinates it, its announcement not seen yet; else a
+    replica, to follow the job's progress until the end reaches it.
+    """
     from .election import supersedes
     from .mdns import browse
 
@@ -88,17 +95,32 @@ async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> L
             best = rec
     if best is not None:
         return node(best)
-    fallback = None
-    for rec in view.nodes.values():
-        if not rec.addresses:
-            continue
-        candidate = node(rec)
-        try:
-            status = await candidate.ask("job", {"job": job}, timeout=2)
-        except (NodeUnavailable, RequestFailed):
-            continue
-        if status.get("state") in ("done", "failed", "cancelled"):
-            return candidate  # knows the end: its last coordinator, or a replica
-        if status.get("state") not in (None, "moved"):
-            fallback = fallback or candidate
-    return fallback
+    async def answers() -> AsyncIterator[tuple[LocalNode, dict[str, Any]]]:
+        for rec in view.nodes.values():
+            if rec.addresses:
+                candidate = node(rec)
+                with contextlib.suppress(NodeUnavailable, RequestFailed):
+                    yield candidate, await candidate.ask("job", {"job": job}, timeout=2)
+
+    return await pick_job_holder(answers())
+
+
+async def pick_job_holder(answers: AsyncIterator[tuple[T, dict[str, Any]]]) -> T | None:
+    """find_job's choice among nodes' answers to a `job` request, in the order of its docstring.
+
+    Stops reading answers at the first node that coordinated the job and knows its end.
+    """
+    running = replica_end = replica_running = None
+    async for candidate, status in answers:
+        state = status.get("state")
+        over = state in ("done", "failed", "cancelled")
+        if over and not status.get("replica"):
+            return candidate
+        if over:
+            replica_end = replica_end or candidate
+        elif state not in (None, "moved"):
+            if status.get("replica"):
+                replica_running = replica_running or candidate
+            else:
+                running = running or candidate
+    return replica_end or running or replica_running

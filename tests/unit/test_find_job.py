@@ -1,0 +1,50 @@
+"""Which node a command follows for a job when no coordinator of it is announced (pick_job_holder)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bonjourgrid.localnode import pick_job_holder
+
+REPLICA = "from a replica of the job's journal"
+
+
+def pick(answers: list[tuple[str, dict[str, Any]]]) -> tuple[str | None, int]:
+    """(the node picked, how many answers were read)."""
+    read = 0
+
+    async def gen() -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        nonlocal read
+        for a in answers:
+            read += 1
+            yield a
+
+    return asyncio.run(pick_job_holder(gen())), read
+
+
+def replica(state: str) -> dict[str, Any]:
+    return {"state": state, "replica": True, "message": REPLICA}
+
+
+def test_the_last_coordinator_that_knows_the_end_wins_and_ends_the_search():
+    picked, read = pick([("r1", replica("done")), ("c", {"state": "done"}), ("r2", replica("done"))])
+    assert (picked, read) == ("c", 2)
+
+
+def test_a_replica_that_knows_the_end_beats_a_node_that_still_says_running():
+    assert pick([("old", {"state": "running"}), ("r1", replica("failed"))])[0] == "r1"
+
+
+def test_while_the_job_runs_a_coordinator_is_followed_rather_than_a_replica():
+    """A replica's status lags and lacks live figures (a CI run crashed following one)."""
+    assert pick([("r1", replica("running")), ("succ", {"state": "running", "tasks_per_second": 3.0})])[0] == "succ"
+
+
+def test_a_replica_is_followed_when_nothing_else_knows_the_job():
+    assert pick([("gone", {"state": "moved"}), ("r1", replica("running"))])[0] == "r1"
+
+
+def test_nobody_knows_the_job():
+    assert pick([("moved", {"state": "moved"}), ("blank", {})]) == (None, 2)
