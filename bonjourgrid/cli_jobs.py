@@ -192,9 +192,9 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[d
                     node = await _successor(node, job)
                     continue
                 finished = status["tasks_done"] + status["tasks_failed"]
-                bar.update(t, completed=finished, info=(  # .get: a replica's status has no live figures
-                    f"{status.get('tasks_running', 0)} running, {status['tasks_failed']} failed, "
-                    f"{status.get('workers', 0)} workers, {status.get('tasks_per_second', 0.0):.1f} tasks/s"))
+                bar.update(t, completed=finished, info=(
+                    f"{status['tasks_running']} running, {status['tasks_failed']} failed, "
+                    f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
                 if status["state"] in FINAL:
                     return status, node
                 if interrupted.is_set():

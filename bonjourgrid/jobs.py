@@ -152,6 +152,7 @@ def _status_from_journal(path: Path, job: str) -> dict[str, Any]:
             "tasks_done": states.count("done"), "tasks_failed": states.count("failed"),
             "tasks_running": states.count("running"), "tasks_pending": states.count("pending"),
             "workers": 0, "workers_used": len(nodes), "seconds": round(end - row.created_at, 3),
+            "tasks_per_second": 0.0,  # the same fields as a coordinator's status; no live figures
             "message": "from a replica of the job's journal", "replica": True}
 
 

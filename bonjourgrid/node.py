@@ -98,9 +98,9 @@ def tune_gc() -> None:
 
     Every task makes a handful of short-lived dicts and lists (JSON, envelopes), so at the
     default threshold the collector ran every few tasks, and its older generations, which hold
-    every long-lived object, every few hundred. With this, in 8 runs of a 2,000-task job against 8 without, alternated,
-    the coordinator and the workers each used about a fifth less user CPU per task, and the
-    steady rate rose by a fifth to a quarter. Objects frozen here live as long as the daemon
+    every long-lived object, every few hundred. With this, in 8 runs of a 2,000-task job against
+    8 without, alternated, the coordinator and the workers each used about a fifth less user
+    CPU per task, and the steady rate rose by a fifth to a quarter. Objects frozen here live as long as the daemon
     anyway; cyclic garbage is still collected, only in larger batches.
     """
     gc.collect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import textwrap
@@ -140,9 +141,6 @@ def test_a_desktop_lent_to_a_ce_can_still_submit_its_own_job(grid, tmp_path):
 
 def test_a_worker_whose_owner_comes_back_gives_its_tasks_back(grid, tmp_path):
     """Owner policy while lent: the node leaves the CE, whose job still ends with every result."""
-    import os
-    import sys
-
     g = grid(3)
     h = g.testbed.hosts
     nodes = [g.start(h[0]), g.start(h[1], "--cpus", "1"),
