@@ -354,7 +354,10 @@ class CoordinatorCE:
         await self.half.tasks_requeued()
 
     async def _rename_replicas(self) -> None:
-        k = self.job.replicas if self.job.replicas is not None else (1 if len(self.dispatch.workers) >= 2 else 0)
+        # By default one replica, from the second worker on; once named, kept when the CE shrinks
+        # to one worker, so that the journal (and the job's end) stays on a second disk.
+        default = 1 if len(self.dispatch.workers) >= 2 or self.replication.replicas else 0
+        k = self.job.replicas if self.job.replicas is not None else default
         # never ourselves: a replica of the coordinator on the coordinator's own disk protects nothing
         others = [w for w in self.dispatch.workers if w != self.daemon.node_id]
         if self.replication.rename(others, k):
@@ -386,6 +389,7 @@ class CoordinatorCE:
             self.dispatch.remove_worker(node)
             log.info("CE %s: releasing worker %s (%s)", self.ce, node[:8], reason)
             await self.send(node, "release", {"reason": reason})
+            await self._rename_replicas()
 
     # ---------------------------------------------------------------- loops --
 
@@ -463,7 +467,7 @@ class CoordinatorCE:
         if successor is not None:
             await self.step_down(successor)
             return
-        for node in self.dispatch.idle_workers():
+        for node in self.dispatch.idle_workers(keep=self.replication.replicas):
             if self.half is None or not self.half.wants(node):
                 await self.release_worker(node, "no tasks left for it")
         # accepted but never said hello: give up on them after the worker timeout

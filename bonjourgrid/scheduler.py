@@ -8,7 +8,7 @@ most free slots, then the most free memory, then the lowest load.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from .announcement import Announcement, Role
@@ -199,11 +199,15 @@ class Dispatch:
         self.finish(index)
         self._queue_retry(index)
 
-    def idle_workers(self) -> list[str]:
-        """Workers that ran dry: nothing running and nothing left to give them."""
+    def idle_workers(self, keep: Collection[str] = ()) -> list[str]:
+        """Workers that ran dry (nothing running, nothing left to give them), except those in `keep`.
+
+        The coordinator keeps its replicas: they hold the journal, and releasing one would leave the
+        CE without a caught-up copy until another has received the whole journal again.
+        """
         if self.pending:
             return []
-        return [node for node, w in self.workers.items() if not w.running]
+        return [node for node, w in self.workers.items() if not w.running and node not in keep]
 
     def workers_wanted(self, max_workers: int | None) -> int:
         """How many more workers would shorten the job (the CE grows while tasks wait)."""

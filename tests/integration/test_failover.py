@@ -210,6 +210,28 @@ def test_results_survive_the_coordinator_dying_right_after_the_end(grid, tmp_pat
     check_results(res, 40)
 
 
+def test_a_replica_that_runs_out_of_tasks_stays_and_gets_the_end(grid, tmp_path):
+    """The CE shrinks as workers run dry, but not by its replica: the journal must stay on a second
+    disk until the end, or the coordinator's death then loses the job's end (and, mid-job, its failover)."""
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res = tmp_path / "res"
+    # the first tasks end at once, so the first worker to join (the replica) runs dry long before the last
+    r = nodes[0].cli("submit", "--json", "--results", str(res), "--tasks", "6", "--output", "out.txt", "--",
+                     "sh", "-c", "[ {i} -lt 5 ] || sleep 3; echo {i} > out.txt; echo t{i}", timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = check_results(res, 6)
+    (replica,) = replicas_of(nodes[0], nodes, 1)
+    coordinator_log = nodes[0].proc.output()
+    assert "did not confirm the end" not in coordinator_log
+    released_early = re.findall(r"releasing worker (\w+) \(no tasks left", coordinator_log)
+    assert released_early, "no worker ran dry before the end: the test did not test anything"
+    s = replica.cli("status", summary["job"], "--json")
+    assert s.returncode == 0, s.stderr
+    assert json.loads(s.stdout)["state"] == "done"
+
+
 def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tmp_path):
     """The rank-1 replica's link goes down for 3 failover timeouts, twice: the others still hear the
     coordinator, so it must not take over; the original coordinator keeps the CE to the end."""

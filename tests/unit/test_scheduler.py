@@ -93,6 +93,18 @@ def test_growth_and_shrink_decisions():
     assert d.workers_wanted(None) == 0 and d.idle_workers() == ["w1"]
 
 
+def test_a_replica_that_ran_dry_is_not_released():
+    """The coordinator keeps its replicas to the end: they hold the journal."""
+    d = Dispatch(range(2))
+    for w in ("w1", "w2", "w3"):
+        d.add_worker(w, 1)
+    d.take("w1", 1)
+    d.take("w2", 1)
+    d.finish(0)
+    assert d.idle_workers(keep=["w1"]) == ["w3"]
+    assert sorted(d.idle_workers()) == ["w1", "w3"]
+
+
 def test_middleware_placed_tasks_are_claimed():
     d = Dispatch(range(4))
     d.add_worker("w1", 2)
