@@ -221,8 +221,14 @@ class Spawner:
                     _killpg(t.proc.pid, signal.SIGKILL)
 
 
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when we stop (by closing stdin)
+    # The worker decides when we stop (by closing stdin), not a Ctrl-C in the node's terminal. A
+    # handler, not SIG_IGN: an ignored signal stays ignored in every task we exec, a handler does not.
+    signal.signal(signal.SIGINT, _ignore_signal)
     Spawner(sys.stdout.buffer).run(sys.stdin.fileno())
 
 

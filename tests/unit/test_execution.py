@@ -131,6 +131,25 @@ def test_cwd_is_the_sandbox(tmp_path: Path) -> None:
     assert out.stdout == b"staged\n"
 
 
+def test_a_task_starts_with_default_signals_null_stdin_and_no_stray_descriptors(tmp_path: Path) -> None:
+    """What a program expects of a fresh start: Python ignores SIGPIPE and SIGXFSZ for itself, and
+    a task that inherited that would die noisily in a pipeline (`yes | head` -> "Broken pipe")."""
+    out = _run(tmp_path, ["sh", "-c", "grep SigIgn /proc/self/status; readlink /proc/self/fd/0; ls /proc/self/fd"])
+    lines = out.stdout.decode().split()
+    assert lines[:2] == ["SigIgn:", "0000000000000000"]
+    assert lines[2] == "/dev/null"
+    assert sorted(lines[3:]) == ["0", "1", "2", "3"]  # 3: the directory `ls` reads
+    piped = _run(tmp_path, ["sh", "-c", "yes | head -n 1"])
+    assert piped.ok and piped.stdout == b"y\n" and piped.stderr == b""
+
+
+def test_a_relative_program_is_found_in_the_sandbox(tmp_path: Path) -> None:
+    (tmp_path / "script.sh").write_text("#!/bin/sh\necho \"$0 in $PWD\"\n")
+    (tmp_path / "script.sh").chmod(0o755)
+    out = _run(tmp_path, ["./script.sh"])
+    assert out.ok and out.stdout.decode() == f"./script.sh in {tmp_path}\n"
+
+
 def test_outcome_dict_round_trip(tmp_path: Path) -> None:
     (tmp_path / "r.bin").write_bytes(b"\x00\xff")
     out = _run(tmp_path, [PY, "-c", "import sys; sys.stdout.buffer.write(bytes(range(256)))"], globs=["*.bin"])
