@@ -92,6 +92,7 @@ class CoordinatorCE:
         self.counts = {"done": 0, "failed": 0}
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._servers_stopping: list[asyncio.Future[None]] = []
         self._lock = asyncio.Lock()
         self.journal_lock = asyncio.Lock()  # held by readers (export) so teardown never closes under them
         self.on_finish: Callable[[CoordinatorCE], Awaitable[None]] | None = None
@@ -248,6 +249,10 @@ class CoordinatorCE:
             self._write_summary()
             self._done.set()
 
+    async def servers_stopped(self) -> None:
+        """Wait until the broker and data server of a torn-down CE have exited (the node does, before it exits)."""
+        await asyncio.gather(*self._servers_stopping, return_exceptions=True)
+
     async def _replicas_caught_up(self, timeout: float) -> None:
         assert self.journal is not None
         last = self.journal.committed_seq
@@ -272,9 +277,12 @@ class CoordinatorCE:
         if self.bus:
             with contextlib.suppress(Exception):
                 await self.bus.close()
-        # Both take a while to exit (Mosquitto ~0.1 s after SIGTERM, the data server up to one
-        # poll interval) and neither needs the other: stop them side by side.
-        await asyncio.gather(*(asyncio.to_thread(x.stop) for x in (self.broker, self.data) if x is not None))
+        # Once the bus is closed the broker and the data server serve nobody: every worker said
+        # goodbye, the replicas hold every file. Both take a while to exit (Mosquitto up to 0.12 s
+        # after SIGTERM once clients had connected, the data server up to one poll interval), which
+        # the user waited for at the end of every job: they stop in the background (servers_stopped).
+        self._servers_stopping += [asyncio.ensure_future(asyncio.to_thread(x.stop))
+                                   for x in (self.broker, self.data) if x is not None]
         async with self.journal_lock:
             if self.journal:
                 self.journal.close()

@@ -209,6 +209,7 @@ class NodeDaemon:
             self.stopping = True
             for ce in list(self.ces.values()):
                 await ce.cancel("the coordinator's node daemon stopped")
+                await ce.servers_stopped()
             log.info("stopping: withdrawing the service")
             await self._execute(self.machine.handle(ns.Shutdown()))
         finally:
