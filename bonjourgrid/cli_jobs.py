@@ -320,25 +320,42 @@ def results(job: str, dest: Annotated[Path | None, typer.Option(help="Default: .
     target = (dest or Path("results") / job).resolve()
     local = _node(key_file, grid, state_dir)
     try:
-        s = asyncio.run(local.ask("export", {"job": job, "dest": str(target)}))
-    except RequestFailed as e:
-        if "no job" not in str(e):
-            raise fail(str(e), 1) from None
-        s = asyncio.run(_results_from_elsewhere(local, job, target))
+        s = asyncio.run(_results(local, job, target))
     except NodeUnavailable as e:
         raise fail(str(e), 1) from None
     out.print(f"{s['job']} ({s['state']}): results in {s['results_dir']}")
 
 
-async def _results_from_elsewhere(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
-    """Not a job of this node: fetch the results from its coordinator, or from a node with its journal."""
-    holder = await find_job(local.key, local.grid, job)
-    if holder is None:
-        raise fail(f"no node of the grid knows job {job!r} (see `bonjourgrid jobs` on its submitting node)", 1)
+async def _results(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
+    """This node writes them if it coordinates the job or knows its end. A copy the job may have
+    gone on without (it stepped down, left the CE, or holds an unfinished journal from before a
+    restart) is the last resort: the node that holds the job now is asked first."""
     try:
-        return await fetch_results(holder, job, dest)
-    except (RequestFailed, NodeUnavailable) as e:
-        raise fail(f"cannot fetch the results of {job}: {e}", 1) from None
+        mine: dict[str, Any] | None = await local.ask("job", {"job": job})
+    except RequestFailed as e:
+        if "no job" not in str(e):
+            raise fail(str(e), 1) from None
+        mine = None
+    if mine is not None and (mine["state"] in FINAL or (not mine.get("replica") and mine["state"] != "moved")):
+        return await _export_here(local, job, dest)
+    holder = await find_job(local.key, local.grid, job)
+    problem = f"no node of the grid knows job {job!r} (see `bonjourgrid jobs` on its submitting node)"
+    if holder is not None:
+        try:
+            return await fetch_results(holder, job, dest)
+        except (RequestFailed, NodeUnavailable) as e:
+            problem = f"cannot fetch the results of {job}: {e}"
+    if mine is None:
+        raise fail(problem, 1)
+    err.print(f"[yellow]warning:[/] {problem}; writing this node's copy, which stops where it says ({mine['state']})")
+    return await _export_here(local, job, dest)
+
+
+async def _export_here(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
+    try:
+        return await local.ask("export", {"job": job, "dest": str(dest)})
+    except RequestFailed as e:
+        raise fail(str(e), 1) from None
 
 
 @app.command()

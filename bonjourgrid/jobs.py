@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ from . import nodestate as ns
 from .announcement import Role
 from .coordinator import CoordinatorCE
 from .jobspec import JobFileError, JobSpec
-from .journal import Journal, JournalError, ResultRecord
+from .journal import FINISHED_JOB_STATES, Journal, JournalError, ResultRecord
+from .replication import LEFT_MARKER
 from .sandbox import safe_join
 
 log = logging.getLogger("bonjourgrid.jobs")
@@ -137,7 +139,11 @@ def job_status(daemon: NodeDaemon, job: str) -> dict[str, Any]:
 
 
 def _status_from_journal(path: Path, job: str) -> dict[str, Any]:
-    """A job's status as a replica of its journal has it (its coordinator may be gone)."""
+    """A job's status as a replica of its journal has it (its coordinator may be gone).
+
+    A copy this node stopped receiving when it left the CE before the end says `left`, not the
+    `running` it froze at: the job went on without it.
+    """
     journal = Journal.open(path)
     try:
         row = journal.job(job)
@@ -148,12 +154,26 @@ def _status_from_journal(path: Path, job: str) -> dict[str, Any]:
     finally:
         journal.close()
     end = row.finished_at or row.created_at
-    return {"job": job, "name": row.spec.get("name", job), "state": row.state, "tasks_total": row.n_tasks,
+    state, message = row.state, "from a replica of the job's journal"
+    left = path.parent / LEFT_MARKER
+    if state not in FINISHED_JOB_STATES and left.is_file():
+        state = "left"
+        message = f"this node left the CE{_left_at(left)}: its copy of the journal stops there; " \
+                  "the job's coordinator has its state"
+    return {"job": job, "name": row.spec.get("name", job), "state": state, "tasks_total": row.n_tasks,
             "tasks_done": states.count("done"), "tasks_failed": states.count("failed"),
             "tasks_running": states.count("running"), "tasks_pending": states.count("pending"),
             "workers": 0, "workers_used": len(nodes), "seconds": round(end - row.created_at, 3),
             "tasks_per_second": 0.0,  # the same fields as a coordinator's status; no live figures
-            "message": "from a replica of the job's journal", "replica": True}
+            "message": message, "replica": True}
+
+
+def _left_at(marker: Path) -> str:
+    """' at <local time>' from a replica's LEFT_MARKER, or '' if it cannot be read."""
+    try:
+        return time.strftime(" at %Y-%m-%d %H:%M", time.localtime(json.loads(marker.read_text())["left_at"]))
+    except (OSError, ValueError, TypeError, KeyError, OverflowError):
+        return ""
 
 
 def list_jobs(daemon: NodeDaemon) -> list[dict[str, Any]]:
@@ -254,7 +274,7 @@ async def exported_dir(daemon: NodeDaemon, job: str) -> Path:
     """The job's results as files on this node (written once the job is over), for remote readers."""
     dest = daemon.config.state_dir / "exports" / job
     status = job_status(daemon, job)
-    if status.get("state") in ("done", "failed", "cancelled") and (dest / "summary.json").is_file():
+    if status.get("state") in FINISHED_JOB_STATES and (dest / "summary.json").is_file():
         return dest
     await export(daemon, job, dest)
     return dest

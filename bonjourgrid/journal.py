@@ -52,7 +52,7 @@ SCHEMA_VERSION = 1
 
 TASK_STATES = ("pending", "running", "done", "failed")
 JOB_STATES = ("running", "done", "failed", "cancelled")
-_FINISHED_JOB_STATES = ("done", "failed", "cancelled")
+FINISHED_JOB_STATES = ("done", "failed", "cancelled")
 
 # ---------------------------------------------------------------- errors ----
 
@@ -814,7 +814,7 @@ class Journal:
                 [(p["job"], i, _canon(t)) for i, t in enumerate(p["tasks"])],
             )
         elif op == "job_state":
-            finished = p["at"] if p["state"] in _FINISHED_JOB_STATES else None
+            finished = p["at"] if p["state"] in FINISHED_JOB_STATES else None
             c.execute("UPDATE jobs SET state=?, finished_at=? WHERE job_id=?", (p["state"], finished, p["job"]))
         elif op == "running":
             (tried,) = c.execute(

@@ -78,7 +78,8 @@ async def find_job(key: GridKey, grid: str, job: str, seconds: float = 1.5) -> L
     If none is announced: a node that coordinated it and knows the end; else a replica of its
     journal that knows the end (a replica gets every result and output file, and the end, from
     the coordinator); else a node that coordinates it, its announcement not seen yet; else a
-    replica, to follow the job's progress until the end reaches it.
+    replica, to follow the job's progress until the end reaches it. Never a copy the job went on
+    without: a coordinator that stepped down (`moved`), a replica that left the CE (`left`).
     """
     from .election import supersedes
     from .mdns import browse
@@ -118,7 +119,7 @@ async def pick_job_holder(answers: AsyncIterator[tuple[T, dict[str, Any]]]) -> T
             return candidate
         if over:
             replica_end = replica_end or candidate
-        elif state not in (None, "moved"):
+        elif state not in (None, "moved", "left"):  # neither copy follows the job any more
             if status.get("replica"):
                 replica_running = replica_running or candidate
             else:

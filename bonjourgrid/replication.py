@@ -35,6 +35,7 @@ log = logging.getLogger("bonjourgrid.replication")
 
 BATCH = 500
 RESEND_S = 2.0
+LEFT_MARKER = "left.json"  # in a replica's directory: this node left the CE before its end
 
 
 def choose_replicas(current: list[str], workers: list[str], k: int) -> list[str]:
@@ -116,6 +117,7 @@ class ReplicaStore:
     def apply(self, body: dict[str, Any], data_url: str | None) -> int:
         """Apply one batch (blocking: call in a thread); returns the last sequence number held."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / LEFT_MARKER).unlink(missing_ok=True)  # we are a replica (again)
         if self.journal is None:
             self.journal = Journal.open(self.dir / "journal.db")
         inputs = body.get("inputs") or []
@@ -156,6 +158,11 @@ class ReplicaStore:
             raise DataError("no data endpoint to replicate files from")
         dest.parent.mkdir(parents=True, exist_ok=True)
         fetch(data_url, self.key, self.ce, sha, dest, path=path)
+
+    def abandon(self, when: float) -> None:
+        """We left the CE before its end: our copy, if any, stops here and must not pass for its state."""
+        if (self.dir / "journal.db").is_file():
+            (self.dir / LEFT_MARKER).write_text(json.dumps({"left_at": when}))
 
     def close(self) -> None:
         if self.journal is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -230,6 +232,38 @@ def test_a_replica_that_runs_out_of_tasks_stays_and_gets_the_end(grid, tmp_path)
     s = replica.cli("status", summary["job"], "--json")
     assert s.returncode == 0, s.stderr
     assert json.loads(s.stdout)["state"] == "done"
+
+
+def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_path):
+    """Its copy of the journal stops when it leaves: `jobs` there must not say `running` forever,
+    and `results` there must come from the node that saw the job end, not from that copy."""
+    g = grid(3)
+    h = g.testbed.hosts
+    nodes = [g.start(h[0], *FAST), g.start(h[1], *FAST),
+             g.start(h[2], *FAST, "--owner-cpu", "60", "--owner-busy-after", "1", "--owner-free-after", "1")]
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 12, 0.5, replicas=2)  # both workers are replicas
+    wait_for(lambda: nodes[0].proc.output().count("holds the journal") >= 2, 30, 0.1, "both replicas to catch up")
+    # the owner's programs, niced, until the job ends (an owner-busy node is not recruited again)
+    burners = [h[2].spawn([sys.executable, "-c", "import os; os.nice(19)\nwhile True: pass"], f"burner{i}")
+               for i in range(os.cpu_count() or 1)]
+    try:
+        wait_for(lambda: "the owner needs this machine" in nodes[2].proc.output(), 60, 0.2, "host3 to leave")
+        wait_for(lambda: not sub.alive(), 120, 0.3, "the job to end")
+        assert sub.popen.returncode == 0, sub.output()[-3000:]
+        job = check_results(res, 12)["job"]
+        r = nodes[2].cli("jobs", "--json")
+        assert r.returncode == 0, r.stderr
+        (mine,) = [j for j in json.loads(r.stdout) if j["job"] == job]
+        assert mine["state"] == "left" and "left the CE" in mine["message"], mine
+        fetched = tmp_path / "fetched"
+        r = nodes[2].cli("results", job, "--dest", str(fetched))
+        assert r.returncode == 0, r.stderr[-3000:]
+        check_results(fetched, 12)
+    finally:
+        for b in burners:
+            b.kill()
 
 
 def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tmp_path):

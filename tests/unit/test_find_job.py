@@ -48,3 +48,8 @@ def test_a_replica_is_followed_when_nothing_else_knows_the_job():
 
 def test_nobody_knows_the_job():
     assert pick([("moved", {"state": "moved"}), ("blank", {})]) == (None, 2)
+
+
+def test_a_replica_that_left_the_ce_before_its_end_is_never_followed():
+    assert pick([("left", replica("left")), ("r1", replica("running"))])[0] == "r1"
+    assert pick([("left", replica("left"))])[0] is None
