@@ -347,7 +347,8 @@ async def _results(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
             problem = f"cannot fetch the results of {job}: {e}"
     if mine is None:
         raise fail(problem, 1)
-    err.print(f"[yellow]warning:[/] {problem}; writing this node's copy, which stops where it says ({mine['state']})")
+    err.print(f"[yellow]warning:[/] {problem}; writing this node's copy instead ({mine['state']}: "
+              f"{mine.get('message') or 'it may be behind the job'})")
     return await _export_here(local, job, dest)
 
 

@@ -162,7 +162,10 @@ class ReplicaStore:
     def abandon(self, when: float) -> None:
         """We left the CE before its end: our copy, if any, stops here and must not pass for its state."""
         if (self.dir / "journal.db").is_file():
-            (self.dir / LEFT_MARKER).write_text(json.dumps({"left_at": when}))
+            try:
+                (self.dir / LEFT_MARKER).write_text(json.dumps({"left_at": when}))
+            except OSError as e:  # a full disk: the copy then says what it froze at; leaving goes on
+                log.warning("CE %s: could not mark our copy of its journal as left behind: %s", self.ce, e)
 
     def close(self) -> None:
         if self.journal is not None:

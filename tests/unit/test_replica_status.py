@@ -57,3 +57,11 @@ def test_no_copy_no_marker(tmp_path: Path) -> None:
     store = ReplicaStore(tmp_path / "ces" / "job2", GridKey.generate(), "job2")
     store.abandon(time.time())
     assert not store.dir.exists()
+
+
+def test_a_marker_that_cannot_be_written_is_logged_not_raised(tmp_path: Path) -> None:
+    """Leaving a CE must go on with a full disk (here: a directory where the marker goes)."""
+    store = copy_of_a_running_job(tmp_path)
+    (store.dir / "left.json").mkdir()
+    store.abandon(time.time())
+    assert _status_from_journal(store.dir / "journal.db", "job1")["state"] == "running"
