@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -374,6 +375,10 @@ def demo(
 
 
 def main() -> None:
+    # Everything the imports built lives as long as the command: frozen, the cycle collector never
+    # walks it again, nor at exit. `submit` up to its first request, 8 runs each way: 0.22-0.32 s
+    # against 0.28-0.34 s. A node daemon freezes again once it is up (node.tune_gc).
+    gc.freeze()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
 
