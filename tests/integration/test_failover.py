@@ -243,7 +243,7 @@ def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_pa
              g.start(h[2], *FAST, "--owner-cpu", "60", "--owner-busy-after", "1", "--owner-free-after", "1")]
     wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
     res = tmp_path / "res"
-    sub = start_job(nodes[0], res, 12, 0.5, replicas=2)  # both workers are replicas
+    sub = start_job(nodes[0], res, 20, 0.5, replicas=2)  # both workers are replicas; 5 s of work on two
     wait_for(lambda: nodes[0].proc.output().count("holds the journal") >= 2, 30, 0.1, "both replicas to catch up")
     # the owner's programs, niced, until the job ends (an owner-busy node is not recruited again)
     burners = [h[2].spawn([sys.executable, "-c", "import os; os.nice(19)\nwhile True: pass"], f"burner{i}")
@@ -252,7 +252,7 @@ def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_pa
         wait_for(lambda: "the owner needs this machine" in nodes[2].proc.output(), 60, 0.2, "host3 to leave")
         wait_for(lambda: not sub.alive(), 120, 0.3, "the job to end")
         assert sub.popen.returncode == 0, sub.output()[-3000:]
-        job = check_results(res, 12)["job"]
+        job = check_results(res, 20)["job"]
         r = nodes[2].cli("jobs", "--json")
         assert r.returncode == 0, r.stderr
         (mine,) = [j for j in json.loads(r.stdout) if j["job"] == job]
@@ -260,7 +260,7 @@ def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_pa
         fetched = tmp_path / "fetched"
         r = nodes[2].cli("results", job, "--dest", str(fetched))
         assert r.returncode == 0, r.stderr[-3000:]
-        check_results(fetched, 12)
+        check_results(fetched, 20)
     finally:
         for b in burners:
             b.kill()
