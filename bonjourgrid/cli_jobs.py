@@ -30,11 +30,9 @@ from .cli import (
     out,
 )
 from .jobspec import JobFileError, JobSpec, load_job, sweep_job
-from .localnode import LocalNode, NodeUnavailable, RequestFailed, find_job, wait_for_node
+from .localnode import FINAL_STATES, LocalNode, NodeUnavailable, RequestFailed, find_job, wait_for_node
 from .paths import default_state_dir
 from .sandbox import safe_join
-
-FINAL = ("done", "failed", "cancelled")
 
 
 def _node(key_file: Path | None, grid: str, state_dir: Path | None) -> LocalNode:
@@ -195,7 +193,7 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[d
                 bar.update(t, completed=finished, info=(
                     f"{status['tasks_running']} running, {status['tasks_failed']} failed, "
                     f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
-                if status["state"] in FINAL:
+                if status["state"] in FINAL_STATES:
                     return status, node
                 if interrupted.is_set():
                     interrupted.clear()
@@ -336,7 +334,7 @@ async def _results(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
         if "no job" not in str(e):
             raise fail(str(e), 1) from None
         mine = None
-    if mine is not None and (mine["state"] in FINAL or (not mine.get("replica") and mine["state"] != "moved")):
+    if mine is not None and (mine["state"] in FINAL_STATES or (not mine.get("replica") and mine["state"] != "moved")):
         return await _export_here(local, job, dest)
     holder = await find_job(local.key, local.grid, job)
     problem = f"no node of the grid knows job {job!r} (see `bonjourgrid jobs` on its submitting node)"

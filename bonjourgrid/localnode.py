@@ -17,6 +17,7 @@ from .gridkey import GridKey
 from .wire import request
 
 NODE_FILE = "node.json"
+FINAL_STATES = ("done", "failed", "cancelled")  # a job's end, as a node reports it (journal.FINISHED_JOB_STATES)
 T = TypeVar("T")
 
 
@@ -114,7 +115,7 @@ async def pick_job_holder(answers: AsyncIterator[tuple[T, dict[str, Any]]]) -> T
     running = replica_end = replica_running = None
     async for candidate, status in answers:
         state = status.get("state")
-        over = state in ("done", "failed", "cancelled")
+        over = state in FINAL_STATES
         if over and not status.get("replica"):
             return candidate
         if over:

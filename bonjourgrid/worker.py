@@ -112,9 +112,9 @@ class WorkerCE:
             await asyncio.to_thread(self.replica.close)
             shutil.rmtree(self.dir, ignore_errors=True)
             e = self.election
-            if e.claimed is None and not self.ended:
-                await asyncio.to_thread(self.replica.abandon, time.time())
             if e.claimed is None:  # a replica that took over answers as the coordinator instead
+                if not self.ended:
+                    await asyncio.to_thread(self.replica.abandon, time.time())
                 peers.remember_left(self.daemon, self.ce, peers.LeftCE(
                     e.epoch, e.coordinator, self._released_at or e.last_heartbeat, self.ended))
             if self.daemon.worker is self:
