@@ -29,7 +29,7 @@ from .election import supersedes
 from .envelope import Envelope
 from .gridview import NodeRecord
 from .jobspec import JobSpec
-from .journal import FailureOutcome, InvalidTransitionError, Journal, OutputFile, ResultRecord
+from .journal import FailureOutcome, Journal, OutputFile, ResultRecord
 from .replication import ReplicationSender
 from .sandbox import safe_join
 from .scheduler import Dispatch, Needs, explain_no_match, recruitable
@@ -562,18 +562,16 @@ class CoordinatorCE:
         journal, job_id, now = self.journal, self.job_id, time.time()
 
         def mark() -> tuple[list[tuple[int, int]], list[int]]:
-            out, settled = [], []
+            settled = []
             with journal.batch(durable=False):  # a lost "running" costs nothing: workers report theirs
-                for i in picked:
-                    try:
-                        out.append((i, journal.mark_running(job_id, i, node, now)))
-                    except InvalidTransitionError:
-                        # After a failover the journal may still show it on a worker that is gone.
-                        if journal.task(job_id, i).state != "running":
-                            settled.append(i)  # already done or failed for good
-                            continue
-                        journal.requeue(job_id, i, "reassigned after a failover")
-                        out.append((i, journal.mark_running(job_id, i, node, now)))
+                out, refused = journal.mark_running_many(job_id, picked, node, now)
+                for i, state in refused.items():
+                    if state != "running":
+                        settled.append(i)  # already done or failed for good
+                        continue
+                    # After a failover the journal may still show it on a worker that is gone.
+                    journal.requeue(job_id, i, "reassigned after a failover")
+                    out.append((i, journal.mark_running(job_id, i, node, now)))
             return out, settled
 
         out, settled = await asyncio.to_thread(mark)
@@ -623,14 +621,25 @@ class CoordinatorCE:
         journal, job_id, max_failures = self.journal, self.job_id, self.job.retries + 1
 
         def record_all() -> list[tuple[int, bool, FailureOutcome | None]]:
-            out = []
+            out: list[tuple[int, bool, FailureOutcome | None]] = []
+            successes: list[tuple[int, ResultRecord]] = []
+
+            def flush() -> None:  # runs of successes are one change each; the order of the items is kept
+                stored = journal.record_results(job_id, successes)
+                out.extend((index, ok, None) for (index, _), ok in zip(successes, stored, strict=True))
+                successes.clear()
+
             with journal.batch():
                 for index, _attempt, ok, record in prepared:
                     if ok:
-                        out.append((index, journal.record_result(job_id, index, record), None))
-                    else:
-                        out.append((index, False, journal.record_failure(job_id, index, record,
-                                                                         max_failures=max_failures)))
+                        successes.append((index, record))
+                        continue
+                    if successes:
+                        flush()
+                    out.append((index, False, journal.record_failure(job_id, index, record,
+                                                                     max_failures=max_failures)))
+                if successes:
+                    flush()
             return out
 
         outcomes = await asyncio.to_thread(record_all)

@@ -196,6 +196,13 @@ class Change:
     def op(self) -> str:
         return str(self.payload["op"])
 
+    def results(self) -> list[tuple[int, dict[str, Any]]]:
+        """(task index, result as a dict) for each successful result this change records."""
+        p = self.payload
+        if p["op"] == "results":
+            return [(int(i), r) for i, r in p["results"]]
+        return [(int(p["task"]), p["result"])] if p["op"] == "result" else []
+
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "epoch": self.epoch, "payload": self.payload}
 
@@ -279,6 +286,7 @@ INSERT INTO meta (key, value) VALUES ('epoch', '1');
 """
 
 _RESULT_COLS = "attempt, exit_code, started_at, finished_at, node_id, stdout, stderr, outputs, extra"
+_IN_CHUNK = 500  # indices per `IN (...)` query: SQLite caps bound parameters (999 before 3.32)
 _TASK_COLS = "job_id, idx, spec, state, node_id, attempts, failures, started_at, tried_nodes"
 
 
@@ -615,15 +623,50 @@ class Journal:
             raise UnknownTaskError(f"{job_id}[{index}]")
         return row
 
+    def _by_index(self, job_id: str, cols: str, indices: list[int]) -> Iterator[tuple[Any, ...]]:
+        """Rows (idx, cols...) of the job's tasks in `indices`: one query per few hundred, not one per task."""
+        wanted = list(dict.fromkeys(indices))
+        for k in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[k:k + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            yield from self._conn.execute(f"SELECT idx, {cols} FROM tasks WHERE job_id=? AND idx IN ({marks})",
+                                          (job_id, *chunk))
+
+    def _states(self, job_id: str, indices: list[int]) -> dict[int, tuple[str, int]]:
+        """(state, attempts) of each of `indices`; UnknownTaskError if one is missing."""
+        out = {idx: (state, attempts) for idx, state, attempts in self._by_index(job_id, "state, attempts", indices)}
+        missing = [i for i in indices if i not in out]
+        if missing:
+            raise UnknownTaskError(f"{job_id}[{missing[0]}]")
+        return out
+
+    def mark_running_many(
+        self, job_id: str, indices: list[int], node_id: str, at: float
+    ) -> tuple[list[tuple[int, int]], dict[int, str]]:
+        """pending -> running on ``node_id`` for each of ``indices``, as one change.
+
+        Returns the (index, attempt) pairs started (attempts are 1-based) and, for the tasks
+        that were not pending, their state: those are left as they were.
+        """
+        with self._atomic():
+            states = self._states(job_id, indices)
+            started, refused = [], {}
+            for i in dict.fromkeys(indices):
+                state, attempts = states[i]
+                if state == "pending":
+                    started.append((i, attempts + 1))
+                else:
+                    refused[i] = state
+            if started:
+                self._emit({"op": "started", "job": job_id, "node": node_id, "at": at, "tasks": started})
+            return started, refused
+
     def mark_running(self, job_id: str, index: int, node_id: str, at: float) -> int:
         """pending -> running on ``node_id``; returns the new attempt number (1-based)."""
-        with self._atomic():
-            state, attempts, _, _ = self._task_state(job_id, index)
-            if state != "pending":
-                raise InvalidTransitionError(f"{job_id}[{index}] is {state}, cannot start it")
-            attempt = attempts + 1
-            self._emit({"op": "running", "job": job_id, "task": index, "node": node_id, "attempt": attempt, "at": at})
-            return attempt
+        started, refused = self.mark_running_many(job_id, [index], node_id, at)
+        if refused:
+            raise InvalidTransitionError(f"{job_id}[{index}] is {refused[index]}, cannot start it")
+        return started[0][1]
 
     def requeue(self, job_id: str, index: int, reason: str, *, attempt: int | None = None) -> bool:
         """running -> pending, keeping the attempt count; no-op (False) if the task is not running.
@@ -654,21 +697,30 @@ class Journal:
 
     # --------------------------------------------------------------- results
 
-    def record_result(self, job_id: str, index: int, result: ResultRecord) -> bool:
-        """Record the task's successful result, exactly once; the task becomes done.
+    def record_results(self, job_id: str, results: list[tuple[int, ResultRecord]]) -> list[bool]:
+        """Record successful results, each task's exactly once, as one change; the tasks become done.
 
-        Returns True when this call stored it (it is durable on return outside a batch): only
-        then acknowledge it. Returns False and changes nothing if the task is already done or
-        failed, whichever attempt the result comes from. A success from any attempt of a task
-        that is pending or running is accepted (execution is at-least-once). What counts as
-        success (e.g. exit code 0) is the caller's decision.
+        Returns, per entry, True when this call stored it (durable on return outside a batch):
+        only then acknowledge it. An entry for a task already done or failed (or done by an
+        earlier entry of the same call), whichever attempt it comes from, is not stored: False.
+        A success from any attempt of a task that is pending or running is accepted (execution
+        is at-least-once). What counts as success (e.g. exit code 0) is the caller's decision.
         """
         with self._atomic():
-            state, _, _, _ = self._task_state(job_id, index)
-            if state in ("done", "failed"):
-                return False
-            self._emit({"op": "result", "job": job_id, "task": index, "result": result.to_dict()})
-            return True
+            states = self._states(job_id, [i for i, _ in results])
+            stored, taken = [], set()
+            for i, _ in results:
+                fresh = states[i][0] not in ("done", "failed") and i not in taken
+                taken.add(i)
+                stored.append(fresh)
+            todo = [[i, r.to_dict()] for (i, r), fresh in zip(results, stored, strict=True) if fresh]
+            if todo:
+                self._emit({"op": "results", "job": job_id, "results": todo})
+            return stored
+
+    def record_result(self, job_id: str, index: int, result: ResultRecord) -> bool:
+        """:meth:`record_results` for one task."""
+        return self.record_results(job_id, [(index, result)])[0]
 
     def record_failure(self, job_id: str, index: int, result: ResultRecord, *, max_failures: int) -> FailureOutcome:
         """Account a failed attempt: requeue the task, or fail it for good after ``max_failures`` failures.
@@ -816,30 +868,19 @@ class Journal:
         elif op == "job_state":
             finished = p["at"] if p["state"] in FINISHED_JOB_STATES else None
             c.execute("UPDATE jobs SET state=?, finished_at=? WHERE job_id=?", (p["state"], finished, p["job"]))
-        elif op == "running":
-            (tried,) = c.execute(
-                "SELECT tried_nodes FROM tasks WHERE job_id=? AND idx=?", (p["job"], p["task"])
-            ).fetchone()
-            nodes = json.loads(tried)
-            if p["node"] not in nodes:
-                nodes.append(p["node"])
-            c.execute(
-                "UPDATE tasks SET state='running', node_id=?, attempts=?, started_at=?, tried_nodes=?"
-                " WHERE job_id=? AND idx=?",
-                (p["node"], p["attempt"], p["at"], _canon(nodes), p["job"], p["task"]),
-            )
+        elif op == "started":
+            self._apply_started(p["job"], p["node"], p["at"], p["tasks"])
+        elif op == "running":  # one task, as written before "started" (kept: journals outlive versions)
+            self._apply_started(p["job"], p["node"], p["at"], [[p["task"], p["attempt"]]])
         elif op == "requeue":
             c.execute(
                 "UPDATE tasks SET state='pending', node_id=NULL, started_at=NULL WHERE job_id=? AND idx=?",
                 (p["job"], p["task"]),
             )
-        elif op == "result":
-            r = ResultRecord.from_dict(p["result"])
-            c.execute(
-                f"INSERT INTO results (job_id, idx, {_RESULT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (p["job"], p["task"], *_result_row(r)),
-            )
-            c.execute("UPDATE tasks SET state='done' WHERE job_id=? AND idx=?", (p["job"], p["task"]))
+        elif op == "results":
+            self._apply_results(p["job"], p["results"])
+        elif op == "result":  # one task, as written before "results"
+            self._apply_results(p["job"], [[p["task"], p["result"]]])
         elif op == "failure":
             r = ResultRecord.from_dict(p["result"])
             c.execute(
@@ -858,6 +899,27 @@ class Journal:
             self._set_epoch(p["epoch"])
         else:
             raise JournalError(f"unknown change op {op!r} (written by a newer BonjourGrid?)")
+
+    def _apply_started(self, job_id: str, node: str, at: float, tasks: list[list[int]]) -> None:
+        c = self._conn
+        tried = dict(self._by_index(job_id, "tried_nodes", [i for i, _ in tasks]))
+        rows = []
+        for index, attempt in tasks:
+            nodes = json.loads(tried[index])
+            if node not in nodes:
+                nodes.append(node)
+            rows.append((node, attempt, at, _canon(nodes), job_id, index))
+        c.executemany(
+            "UPDATE tasks SET state='running', node_id=?, attempts=?, started_at=?, tried_nodes=?"
+            " WHERE job_id=? AND idx=?",
+            rows,
+        )
+
+    def _apply_results(self, job_id: str, results: list[list[Any]]) -> None:
+        c = self._conn
+        rows = [(job_id, index, *_result_row(ResultRecord.from_dict(r))) for index, r in results]
+        c.executemany(f"INSERT INTO results (job_id, idx, {_RESULT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        c.executemany("UPDATE tasks SET state='done' WHERE job_id=? AND idx=?", [(job_id, i) for i, _ in results])
 
     # --------------------------------------------------------------- helpers
 

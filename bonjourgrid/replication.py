@@ -131,9 +131,8 @@ class ReplicaStore:
             self._restart()  # we replicated another (deposed) coordinator's history: start over
         fresh = [c for c in changes if c.seq > self.journal.last_seq()]
         for c in fresh:
-            if c.op == "result":
-                index = int(c.payload["task"])
-                for o in c.payload["result"].get("outputs", ()):
+            for index, result in c.results():
+                for o in result.get("outputs", ()):
                     dest = safe_join(self.dir / "outputs" / str(index), o["path"])
                     self._fetch(data_url, f"/outputs/{index}/{quote(o['path'])}", o["sha256"], dest)
         self.journal.apply(fresh)

@@ -51,11 +51,11 @@ def results_recorded_once(node: GridNode, job: str, n: int) -> int:
     """In the final coordinator's journal, every task has exactly one recorded result; returns its epoch."""
     journal = Journal.open(node.state_dir / "ces" / job / "journal.db")
     try:
-        ops = [c.payload for c in journal.changes_since(0, 1_000_000) if c.op == "result"]
+        recorded = [i for c in journal.changes_since(0, 1_000_000) for i, _ in c.results()]
         epoch = journal.epoch()
     finally:
         journal.close()
-    assert sorted(p["task"] for p in ops) == list(range(n))
+    assert sorted(recorded) == list(range(n))
     return epoch
 
 

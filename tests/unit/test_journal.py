@@ -156,6 +156,54 @@ def test_exactly_once_results(journal: Journal) -> None:
     assert journal.result("job1", 1) is None
 
 
+def test_a_batch_of_tasks_starts_as_one_change_and_reports_the_others(journal: Journal) -> None:
+    make_job(journal, n=5)
+    journal.mark_running("job1", 1, "n1", 1.0)
+    journal.record_result("job1", 1, res("n1", 1))
+    journal.mark_running("job1", 2, "n1", 1.0)
+    seq = journal.last_seq()
+    started, refused = journal.mark_running_many("job1", [0, 1, 2, 3, 0], "n2", 2.0)
+    assert started == [(0, 1), (3, 1)]
+    assert refused == {1: "done", 2: "running"}
+    assert journal.last_seq() == seq + 1
+    assert [(t.state, t.node_id, t.tried_nodes) for t in journal.tasks("job1")] == [
+        ("running", "n2", ("n2",)), ("done", "n1", ("n1",)), ("running", "n1", ("n1",)),
+        ("running", "n2", ("n2",)), ("pending", None, ())]
+    with pytest.raises(UnknownTaskError):
+        journal.mark_running_many("job1", [4, 9], "n2", 3.0)
+    assert journal.task("job1", 4).state == "pending" and journal.last_seq() == seq + 1  # nothing half done
+
+
+def test_a_batch_of_results_stores_each_task_once(journal: Journal) -> None:
+    make_job(journal, n=4)
+    journal.mark_running_many("job1", [0, 1, 2], "n1", 1.0)
+    assert journal.record_result("job1", 2, res("n1", 1)) is True
+    seq = journal.last_seq()
+    stored = journal.record_results("job1", [(0, res("n1", 1)), (2, res("n1", 1, stdout=b"again")),
+                                              (0, res("n2", 2, stdout=b"twice")), (3, res("n3", 1))])
+    assert stored == [True, False, False, True]  # a pending task's result counts too (at-least-once)
+    assert journal.last_seq() == seq + 1
+    assert journal.result("job1", 0) == res("n1", 1) and journal.result("job1", 2) == res("n1", 1)
+    assert [t.state for t in journal.tasks("job1")] == ["done", "running", "done", "done"]
+    assert journal.record_results("job1", [(0, res("n1", 1))]) == [False] and journal.last_seq() == seq + 1
+
+
+def test_a_replica_applies_changes_written_one_task_at_a_time(tmp_path: Path) -> None:
+    """Journals outlive versions: the per-task ops written before batches still apply, as the batched ones."""
+    old, new = Journal.open(tmp_path / "old.db"), Journal.open(tmp_path / "new.db")
+    for j in (old, new):
+        make_job(j, n=2)
+    new.mark_running_many("job1", [0, 1], "n1", 2.0)
+    new.record_results("job1", [(0, res("n1", 1)), (1, res("n1", 1))])
+    legacy = [{"op": "running", "job": "job1", "task": i, "node": "n1", "attempt": 1, "at": 2.0} for i in (0, 1)]
+    legacy += [{"op": "result", "job": "job1", "task": i, "result": res("n1", 1).to_dict()} for i in (0, 1)]
+    old.apply([Change(old.last_seq() + 1 + k, 1, p) for k, p in enumerate(legacy)])
+    assert old.dump() == new.dump()
+    assert [i for c in old.changes_since(0) for i, _ in c.results()] == [0, 1]
+    old.close()
+    new.close()
+
+
 def test_late_result_of_an_old_attempt_is_accepted_once(journal: Journal) -> None:
     make_job(journal)
     journal.mark_running("job1", 0, "n1", 1.0)
@@ -371,7 +419,7 @@ def test_acknowledged_results_survive_sigkill(
         # the change log is gapless and consistent with the tables after recovery
         changes = j.changes_since(0, limit=10_000)
         assert [c.seq for c in changes] == list(range(1, len(changes) + 1))
-        assert sum(c.op == "result" for c in changes) == len(stored)
+        assert sum(len(c.results()) for c in changes) == len(stored)
     finally:
         j.close()
 
@@ -399,14 +447,21 @@ def random_ops(j: Journal, rng: random.Random, n_ops: int, prefix: str, t0: floa
         running = [t for t in tasks if t.state == "running"]
         task = rng.choice(running if running and rng.random() < 0.7 else tasks)
         node = rng.choice(NODES)
-        if r < 0.40:
+        if r < 0.30:
             pending = j.pending_tasks(job_id, 3)
             if pending:
                 j.mark_running(job_id, rng.choice(pending).index, node, t)
-        elif r < 0.60:
+        elif r < 0.40:  # a worker's batch, some of it maybe not pending any more
+            picked = [x.index for x in rng.sample(tasks, min(len(tasks), rng.randint(1, 5)))]
+            j.mark_running_many(job_id, picked, node, t)
+        elif r < 0.50:
             attempt = max(1, task.attempts - rng.randint(0, 1))
             out = rng.randbytes(rng.randint(0, 40))
             j.record_result(job_id, task.index, res(task.node_id or node, attempt, 0, b"", out))
+        elif r < 0.60:  # a results message, maybe with a task twice or one already done
+            batch = rng.choices(running or tasks, k=rng.randint(1, 4))
+            j.record_results(job_id, [(x.index, res(x.node_id or node, max(1, x.attempts), 0, b"", rng.randbytes(8)))
+                                      for x in batch])
         elif r < 0.75:
             attempt = max(1, task.attempts - rng.randint(0, 1))
             err = rng.randbytes(rng.randint(0, 40))
@@ -451,16 +506,24 @@ def test_replica_converges_and_successor_continues(tmp_path: Path, seed: int) ->
     rng = random.Random(seed)
     primary = Journal.open(tmp_path / "primary.db")
     replica = Journal.open(tmp_path / "replica.db")
-    for _ in range(10):
+
+    def covered() -> bool:  # every kind of change, and failures leaving each state, went through
+        history = primary.changes_since(0, 10_000)
+        return ({c.op for c in history} >= {"job", "started", "results", "failure", "requeue", "job_state"}
+                and {c.payload["state"] for c in history if c.op == "failure"} == {"pending", "failed", "running"})
+
+    for rounds in range(1, 31):
         with primary.batch():
             random_ops(primary, rng, 40, "a")
         follow(primary, replica, rng)
         assert replica.dump() == primary.dump()
+        if rounds >= 10 and covered():
+            break
     assert replica.changes_since(0, 10_000) == primary.changes_since(0, 10_000)
     n = primary.last_seq()
     assert n > 80
     history = primary.changes_since(0, 10_000)
-    assert {c.op for c in history} >= {"job", "running", "result", "failure", "requeue", "job_state"}
+    assert {c.op for c in history} >= {"job", "started", "results", "failure", "requeue", "job_state"}
     assert {c.payload["state"] for c in history if c.op == "failure"} == {"pending", "failed", "running"}
 
     # The primary dies (here: a change it made after the replica's last fetch is never shipped).

@@ -91,8 +91,8 @@ def test_no_acknowledged_result_lost_none_recorded_twice(tmp_path: Path, seed: i
     assert sorted(final) == list(range(n))
     for index, rec in acked.items():
         assert final[index].stdout == rec.stdout
-    ops = [c.payload["task"] for c in coordinator.changes_since(0, 1_000_000) if c.op == "result"]
-    assert sorted(ops) == list(range(n))
+    recorded = [i for c in coordinator.changes_since(0, 1_000_000) for i, _ in c.results()]
+    assert sorted(recorded) == list(range(n))
     assert all(isinstance(c, Change) for c in coordinator.changes_since(0, 5))
     coordinator.close()
     replica.close()
