@@ -234,6 +234,11 @@ def node(
         float, typer.Option(help="Workers of this node's CEs go back to Idle after this many seconds without "
                             "any coordinator (no orphans).", min=2.0)
     ] = 30.0,
+    keep_copies: Annotated[
+        float, typer.Option(help="Days to keep what other nodes' jobs leave in the state directory (journal "
+                            "copies held as a replica, exported results, work directories) once untouched; "
+                            "0 keeps them forever. Jobs submitted here are never removed.", min=0)
+    ] = 7.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
@@ -250,6 +255,7 @@ def node(
                          OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)
     config.broker_url, config.ce_broker = broker, ce_broker
     config.failover_timeout_s, config.lease_s = failover_timeout, lease
+    config.keep_copies_s = keep_copies * 86400
     try:
         daemon = NodeDaemon(config)
         asyncio.run(daemon.run())

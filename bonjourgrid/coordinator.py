@@ -31,6 +31,7 @@ from .gridview import NodeRecord
 from .jobspec import JobSpec
 from .journal import FailureOutcome, Journal, OutputFile, ResultRecord
 from .replication import ReplicationSender
+from .retention import SUBMITTED_HERE
 from .sandbox import safe_join
 from .scheduler import Dispatch, Needs, explain_no_match, recruitable
 from .wire import request
@@ -121,7 +122,7 @@ class CoordinatorCE:
             task_specs = spec.pop("tasks")
             await asyncio.to_thread(self.journal.create_job, self.job_id, spec, task_specs,
                                     submitter=self.daemon.node_id, created_at=self.started_at)
-            (self.dir / "job.json").write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
+            (self.dir / SUBMITTED_HERE).write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
             self.inputs = await asyncio.to_thread(self._stage_inputs)
         (self.dir / "inputs.json").write_text(json.dumps(self.inputs))
         user, password = bus_credentials(self.key, self.grid, self.ce)

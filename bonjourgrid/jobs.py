@@ -275,6 +275,7 @@ async def exported_dir(daemon: NodeDaemon, job: str) -> Path:
     dest = daemon.config.state_dir / "exports" / job
     status = job_status(daemon, job)
     if status.get("state") in FINISHED_JOB_STATES and (dest / "summary.json").is_file():
+        os.utime(dest)  # being read: not "untouched" for the clean-up (retention.py)
         return dest
     await export(daemon, job, dest)
     return dest

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import jobs
+from . import jobs, retention
 from . import nodestate as ns
 from .announcement import HOST_RE, Announcement, Role
 from .envelope import BadMessage, Envelope, Opener, seal
@@ -66,6 +66,7 @@ class NodeConfig:
     ce_broker: str = "auto"  # else, the broker each CE starts: auto (Mosquitto if installed), mosquitto, amqtt
     lease_s: float = 30.0  # workers of our CEs go back to Idle after this long without us
     failover_timeout_s: float = 1.0  # our workers suspect us after this long without a heartbeat
+    keep_copies_s: float = retention.DEFAULT_KEEP_S  # other jobs' leftovers on our disk (0: keep forever)
 
 
 def safe_hostname(name: str) -> str:
@@ -203,9 +204,11 @@ class NodeDaemon:
                 self.node_id, cfg.host, ", ".join(cfg.addresses), self.port, cfg.grid, cfg.cpus, cfg.memory_mib,
             )
             sampler = asyncio.ensure_future(self._sample_forever())
+            pruner = asyncio.ensure_future(self._prune_forever())
             tune_gc()
             await self._stop.wait()
             sampler.cancel()
+            pruner.cancel()
             self.stopping = True
             for ce in list(self.ces.values()):
                 await ce.cancel("the coordinator's node daemon stopped")
@@ -241,6 +244,17 @@ class NodeDaemon:
                 await self._sample_once()
             except Exception:  # a probe hiccup must not stop the node
                 log.exception("resource sampling failed")
+
+    async def _prune_forever(self) -> None:
+        """Other jobs' leftovers (replica copies, exports, work directories) go after keep_copies_s."""
+        keep = self.config.keep_copies_s
+        while keep > 0:
+            busy = set(self.ces) | ({self.worker.ce} if self.worker is not None else set())
+            try:
+                await asyncio.to_thread(retention.prune, self.config.state_dir, busy, keep, time.time())
+            except Exception:  # a clean-up hiccup must not stop the node
+                log.exception("cleaning up old copies failed")
+            await asyncio.sleep(retention.PRUNE_EVERY_S)
 
     async def _sample_once(self) -> None:
         now = time.monotonic()

@@ -387,3 +387,29 @@ def test_each_ce_broker_a_node_can_start(grid, tmp_path):
         assert (tmp_path / kind / "29" / "stdout").read_text() == "29\n"
         assert says in coords[kind].proc.output()
     wait_for(lambda: set(workers[0].sees().values()) == {"idle"}, 30, 0.2, "every node idle")
+
+
+def test_a_lent_desktop_removes_old_copies_of_other_jobs_but_never_its_owners(grid, tmp_path):
+    """The replica's journal copy and the workers' leftovers go once untouched for --keep-copies; the job stays."""
+    g = grid(3)
+    nodes = g.start_all()
+    submitter, workers = nodes[0], nodes[1:]
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+    code, summary, stderr = submit(submitter, "--tasks", "4", "--results", str(tmp_path / "r"), "--", "sleep", "1")
+    assert code == 0 and summary["tasks_done"] == 4, stderr
+    job = summary["job"]
+    copies = [n for n in workers if (n.state_dir / "ces" / job / "journal.db").is_file()]
+    assert copies, "no worker held a replica of the journal"
+    leftover = workers[0].state_dir / "work" / "killed-ce"  # what a worker killed in a CE leaves
+    leftover.mkdir(parents=True)
+    time.sleep(2)
+    for n in nodes:
+        n.proc.stop()
+    nodes = [g.start(n.host, "--keep-copies", "0.00002") for n in nodes]  # 1.7 s
+    wait_for(lambda: not any((n.state_dir / "ces" / job).exists() for n in copies) and not leftover.exists(),
+             20, 0.2, "old copies removed")
+    assert any("removed" in line and job in line for n in nodes for line in n.proc.output().splitlines())
+    assert (submitter.state_dir / "ces" / job / "journal.db").is_file()  # submitted here: the owner's
+    r = nodes[0].cli("results", job, "--dest", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["tasks_done"] == 4
