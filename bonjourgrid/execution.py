@@ -221,6 +221,26 @@ def _limited_argv(argv: tuple[str, ...], table: list[tuple[int, str, int]]) -> t
     return argv, apply
 
 
+class _CancelRequest:
+    """`Executor.cancel` for one attempt: remembered if it comes early, then passed on to the runtime's way."""
+
+    __slots__ = ("action", "requested")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.action: Callable[[], object] | None = None
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self.action is not None:
+            self.action()
+
+    def then(self, action: Callable[[], object]) -> None:
+        self.action = action
+        if self.requested:
+            action()
+
+
 class Executor:
     """Runs task attempts for one worker; keeps the (lazy) docker client and a thread pool for its blocking calls."""
 
@@ -242,7 +262,7 @@ class Executor:
         self._docker_checked_at = float("-inf")
         # Our own pool: each running container holds a thread in wait(), which would starve the default executor.
         self._pool = ThreadPoolExecutor(max_workers=max_docker_threads, thread_name_prefix="bg-docker")
-        self._cancel_events: dict[str, set[asyncio.Event]] = {}
+        self._cancels: dict[str, set[_CancelRequest]] = {}
         self._nproc_cache: tuple[float, int] = (float("-inf"), 0)
         self._spawners: dict[tuple[Any, ...], SpawnerClient] = {}
 
@@ -253,26 +273,28 @@ class Executor:
         problem = self._validate(run)
         if problem is not None:
             return TaskOutcome.failure(problem)
-        ev = asyncio.Event()
-        self._cancel_events.setdefault(run.task_id, set()).add(ev)
+        request = _CancelRequest()
+        self._cancels.setdefault(run.task_id, set()).add(request)
         try:
             if run.runtime == "docker":
+                ev = asyncio.Event()
+                request.then(ev.set)
                 return await self._run_docker(run, ev)
-            return await self._run_process(run, ev)
+            return await self._run_process(run, request)
         finally:
-            evs = self._cancel_events.get(run.task_id)
-            if evs is not None:
-                evs.discard(ev)
-                if not evs:
-                    del self._cancel_events[run.task_id]
+            requests = self._cancels.get(run.task_id)
+            if requests is not None:
+                requests.discard(request)
+                if not requests:
+                    del self._cancels[run.task_id]
 
     def cancel(self, task_id: str) -> bool:
         """Stop the running attempt(s) of ``task_id``; their ``run`` returns with ``cancelled=True``."""
-        evs = self._cancel_events.get(task_id)
-        if not evs:
+        requests = self._cancels.get(task_id)
+        if not requests:
             return False
-        for ev in evs:
-            ev.set()
+        for request in list(requests):
+            request()
         return True
 
     def docker_available(self) -> bool:
@@ -299,7 +321,7 @@ class Executor:
             return f"unknown runtime {run.runtime!r} (expected 'process' or 'docker')"
         if run.runtime == "docker" and not run.image:
             return "the docker runtime needs an image"
-        if not Path(run.sandbox).is_dir():
+        if not os.path.isdir(run.sandbox):
             return f"sandbox {str(run.sandbox)!r} is not a directory"
         if any("\x00" in k or "=" in k or "\x00" in v for k, v in run.env.items()):
             return "environment names must not contain '=' or NUL, values must not contain NUL"
@@ -315,12 +337,14 @@ class Executor:
         """Create sandbox/tmp for TMPDIR; False if something else (maybe a planted symlink) sits there."""
         tmp = os.path.join(sandbox, "tmp")
         try:
+            return stat.S_ISDIR(os.lstat(tmp).st_mode)  # a reused sandbox's; never through a symlink
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        try:
             os.mkdir(tmp)
             return True
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                return stat.S_ISDIR(os.lstat(tmp).st_mode)  # a reused sandbox's; never through a symlink
-            return False
         except OSError:
             return False
 
@@ -385,7 +409,7 @@ class Executor:
         client = self._spawners[key] = SpawnerClient(argv, preexec)
         return client
 
-    async def _run_process(self, run: TaskRun, cancel_ev: asyncio.Event) -> TaskOutcome:
+    async def _run_process(self, run: TaskRun, cancel: _CancelRequest) -> TaskOutcome:
         limits = run.limits
         sandbox = Path(run.sandbox)
         env = self._process_env(run, self._make_tmp(sandbox))
@@ -400,22 +424,18 @@ class Executor:
                                          "grace": self._kill_grace_s})
         except (OSError, SpawnerDied) as e:
             return TaskOutcome.failure(f"could not start the task spawner: {e}", started)
-        cancel_waiter = asyncio.ensure_future(cancel_ev.wait())
+        cancel.then(lambda: spawner.cancel(rid))  # its reply then says `cancelled`
         try:
-            await asyncio.wait({reply, cancel_waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if not reply.done():
-                spawner.cancel(rid)
-            msg = await reply
+            # shield: if *we* are cancelled, the reply stays awaitable below, while the group is killed
+            msg = await asyncio.shield(reply)
         except SpawnerDied as e:
             return TaskOutcome.failure(f"the task spawner died while running the task: {e}", started)
         except BaseException:
             # asyncio cancellation (or anything unexpected): have the group killed, then let it propagate.
             spawner.cancel(rid)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(reply), self._kill_grace_s + 5)
+                await asyncio.wait_for(reply, self._kill_grace_s + 5)
             raise
-        finally:
-            cancel_waiter.cancel()
         if msg.get("error"):
             return TaskOutcome.failure(str(msg["error"]), started)
         if msg.get("escaped"):

@@ -223,6 +223,23 @@ def test_executor_cancel_returns_cancelled_outcome(tmp_path: Path) -> None:
     assert not Executor().cancel("unknown")
 
 
+def test_a_cancel_that_comes_before_the_task_started_still_stops_it(tmp_path: Path) -> None:
+    async def scenario() -> tuple[TaskOutcome, float]:
+        ex = Executor(kill_grace_s=0.5)
+        task = asyncio.create_task(ex.run(TaskRun("job-9", ("sleep", "30"), {}, tmp_path, (), Limits())))
+        await asyncio.sleep(0)  # run() is in, waiting for the (new) spawner: nothing started yet
+        t0 = time.monotonic()
+        assert ex.cancel("job-9")
+        try:
+            return await task, time.monotonic() - t0
+        finally:
+            ex.close()
+
+    out, took = asyncio.run(scenario())
+    assert out.cancelled and out.exit_code is None and not out.ok
+    assert took < 10
+
+
 def test_asyncio_cancel_kills_and_raises(tmp_path: Path) -> None:
     async def scenario() -> None:
         ex = Executor(kill_grace_s=0.5)
