@@ -257,7 +257,7 @@ class CoordinatorCE:
     async def _replicas_caught_up(self, timeout: float) -> None:
         assert self.journal is not None
         last = self.journal.committed_seq
-        self.replication.wake.set()
+        self.replication.hurry()
         deadline = time.monotonic() + timeout
         while any(self.replication.acked.get(r, 0) < last for r in self.replication.replicas):
             if time.monotonic() > deadline:

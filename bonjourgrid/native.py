@@ -40,10 +40,11 @@ RESEND_S = 3.0
 # tasks want a deep buffer (fewer, bigger pulls); long ones a shallow one, or one worker would
 # hoard tasks that idle workers could run. The depth follows the measured task duration.
 BUFFER_SECONDS = 0.25
-MAX_PREFETCH_PER_SLOT = 16
-# While a worker is busy and its buffer is full, its results wait this long (or for this many
-# more) to share one message; an idle worker, or one about to run dry, sends at once.
-COALESCE_S = 0.02
+MAX_PREFETCH_PER_SLOT = 32
+# Results go with the next pull, when the buffer is half empty; until then, while it is fuller,
+# they wait at most this long (or for this many more) to share one message. An idle worker, or
+# one about to run dry, sends at once.
+COALESCE_S = 0.05
 COALESCE_MAX = 64
 
 
@@ -246,8 +247,8 @@ class NativeWorker(WorkerHalf):
             self._free_slots.release()
         self.unacked[(index, attempt)] = result
         self._results.append(result)
-        if self.in_hand == 0 or self._running_dry() or len(self._results) >= COALESCE_MAX:
-            self._flush.set()
+        if self.in_hand == 0 or self._running_dry() or len(self._results) >= COALESCE_MAX or self._want() > 0:
+            self._flush.set()  # idle, about to run dry, or the buffer is half empty: the pull rides along
         elif self._flush_timer is None:
             self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_S, self._flush.set)
         self.sandboxes.give_back(sandbox)

@@ -35,6 +35,9 @@ log = logging.getLogger("bonjourgrid.replication")
 
 BATCH = 500
 RESEND_S = 2.0
+# At most one batch per replica this often while the job runs (its end goes at once): a batch per
+# task or two would cost the coordinator, the broker and the replica a message each.
+PACE_S = 0.05
 LEFT_MARKER = "left.json"  # in a replica's directory: this node left the CE before its end
 
 
@@ -53,6 +56,8 @@ class ReplicationSender:
         self.acked: dict[str, int] = {}
         self.sent: dict[str, tuple[int, float]] = {}  # replica -> (seq sent up to, when)
         self.wake = asyncio.Event()
+        self.urgent = asyncio.Event()  # set by `hurry()`: no pacing any more
+        self._last_sent, self._backlog = 0.0, False
 
     def rename(self, workers: list[str], k: int) -> bool:
         """Re-rank the replicas; True if the ranking changed (and must be announced)."""
@@ -68,6 +73,11 @@ class ReplicationSender:
         self.wake.set()
         return True
 
+    def hurry(self) -> None:
+        """The job is ending: send what is left at once, and from now on without pacing."""
+        self.urgent.set()
+        self.wake.set()
+
     def on_ack(self, node: str, seq: int) -> None:
         if node in self.acked:
             if self.acked[node] == 0 and seq > 0:
@@ -81,6 +91,10 @@ class ReplicationSender:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), 0.5)
             self.wake.clear()
+            pause = self._last_sent + PACE_S - time.monotonic()
+            if pause > 0 and not self.urgent.is_set() and not self._backlog:  # the next moment joins the batch
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.urgent.wait(), pause)
             journal = self.ce.journal
             if journal is None:
                 return
@@ -103,6 +117,7 @@ class ReplicationSender:
                     log.debug("CE %s: replication to %s deferred: %s", self.ce.ce, node[:8], e)
                     continue
                 self.sent[node] = (changes[-1].seq, now)
+                self._last_sent, self._backlog = now, len(changes) == BATCH  # a catch-up goes unpaced
 
 
 class ReplicaStore:
