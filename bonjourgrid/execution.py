@@ -87,6 +87,9 @@ class TaskRun:
     runtime: str = "process"  # or "docker"
     image: str | None = None
     network: bool = False  # docker only; the process runtime cannot take the network away
+    # process runtime: (name, slots) starts it only when fewer than `slots` attempts of `name` run.
+    # The spawner holds it until then, so it can be handed over before a slot is free (spawner.py).
+    queue: tuple[str, int] | None = None
 
 
 def _b64(data: bytes) -> str:
@@ -420,8 +423,8 @@ class Executor:
         try:
             spawner = self._spawner(limits)
             rid, reply = await spawner.submit({"argv": list(run.argv), "cwd": str(sandbox), "env": env,
-                                         "timeout": limits.timeout_s, "cap": limits.max_output_bytes,
-                                         "grace": self._kill_grace_s})
+                                               "timeout": limits.timeout_s, "cap": limits.max_output_bytes,
+                                               "grace": self._kill_grace_s, "queue": run.queue})
         except (OSError, SpawnerDied) as e:
             return TaskOutcome.failure(f"could not start the task spawner: {e}", started)
         cancel.then(lambda: spawner.cancel(rid))  # its reply then says `cancelled`

@@ -118,7 +118,10 @@ class NativeWorker(WorkerHalf):
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inputs_ready: asyncio.Task[Path] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._free_slots = asyncio.Semaphore(worker.slots)
+        # Processes: a task ahead per slot waits in the spawner, which starts it as soon as a slot
+        # frees (TaskRun.queue); docker containers start only on a free slot.
+        self._queued = worker.config.get("runtime", "process") == "process"
+        self._free_slots = asyncio.Semaphore(worker.slots * (2 if self._queued else 1))
         self.sandboxes = SandboxPool(worker.dir / "tasks")
         self._avg_task_s = 1.0  # pessimistic until measured: start with a shallow buffer
 
@@ -237,6 +240,7 @@ class NativeWorker(WorkerHalf):
                     runtime=cfg.get("runtime", "process"),
                     image=cfg.get("image"),
                     network=bool(cfg.get("network", False)),
+                    queue=(self.worker.ce, self.worker.slots) if self._queued else None,
                 )
                 outcome = await self.executor.run(run)
                 self._avg_task_s = 0.8 * self._avg_task_s + 0.2 * max(outcome.ended_at - outcome.started_at, 0.0)

@@ -10,6 +10,11 @@ every task, which run here, on the other core.
 Only the standard library: it runs as `python -I -S spawner.py`. Protocol, one JSON object per
 line: requests on stdin (`run`, `cancel`), replies on stdout (one per `run`, by `id`). When
 stdin closes (the worker went away) every task's process group is killed and the spawner exits.
+
+A `run` may name a queue and its slots (`"queue": ["ce-id", 2]`): it then starts only when fewer
+than that many of the queue's tasks run, and the next one starts here the moment a task exits.
+The worker hands over a task ahead for each slot, so a slot does not sit idle while a task's end
+travels to the worker and the next task back (0.7 ms of a 2.3 ms cycle with `true`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,17 +73,23 @@ class _Task:
     kill_at: float | None = None  # SIGKILL the group then (after a SIGTERM's grace)
     drain_until: float | None = None  # after the exit: stop waiting for pipes an escaped process holds
     escaped: bool = False
+    queue: str | None = None  # frees a slot of this queue when the process exits
 
     def __post_init__(self) -> None:
         self.out, self.err = Capture(self.cap), Capture(self.cap)
 
     def reply(self) -> dict[str, Any]:
         killed = self.timed_out or self.cancelled
-        return {"id": self.id, "exit_code": None if killed else self.proc.returncode,
-                "stdout": base64.b64encode(self.out.buf).decode(), "stderr": base64.b64encode(self.err.buf).decode(),
-                "stdout_truncated": self.out.truncated, "stderr_truncated": self.err.truncated,
-                "started": self.started, "ended": self.ended, "timed_out": self.timed_out,
-                "cancelled": self.cancelled, "escaped": self.escaped, "error": None}
+        return _reply(self.id, None if killed else self.proc.returncode, self.out, self.err, self.started,
+                      self.ended, timed_out=self.timed_out, cancelled=self.cancelled, escaped=self.escaped)
+
+
+def _reply(tid: int, exit_code: int | None, out: Capture, err: Capture, started: float, ended: float | None, *,
+           timed_out: bool = False, cancelled: bool = False, escaped: bool = False) -> dict[str, Any]:
+    return {"id": tid, "exit_code": exit_code,
+            "stdout": base64.b64encode(out.buf).decode(), "stderr": base64.b64encode(err.buf).decode(),
+            "stdout_truncated": out.truncated, "stderr_truncated": err.truncated, "started": started, "ended": ended,
+            "timed_out": timed_out, "cancelled": cancelled, "escaped": escaped, "error": None}
 
 
 class Spawner:
@@ -87,6 +99,8 @@ class Spawner:
         self.out = out
         self.inbuf = b""
         self.stdin_open = True
+        self.waiting: dict[str, deque[dict[str, Any]]] = {}  # queue -> requests not started yet
+        self.running_in: dict[str, int] = {}  # queue -> its tasks whose process has not exited
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -95,7 +109,31 @@ class Spawner:
         except BrokenPipeError:  # the worker is gone: nobody to tell
             self.stdin_open = False
 
-    def start(self, req: dict[str, Any]) -> None:
+    def submit(self, req: dict[str, Any]) -> None:
+        """Start the request now, or queue it behind its queue's running tasks."""
+        queue = req.get("queue")
+        if queue is None:
+            self.start(req)
+            return
+        name, slots = str(queue[0]), int(queue[1])
+        self.waiting.setdefault(name, deque()).append(req)
+        self._fill(name, slots)
+
+    def _fill(self, name: str, slots: int) -> None:
+        waiting = self.waiting.get(name)
+        while waiting and self.running_in.get(name, 0) < slots:
+            self.start(waiting.popleft(), name)
+        if not waiting:
+            self.waiting.pop(name, None)
+
+    def _slot_freed(self, t: _Task) -> None:
+        if t.queue is not None:
+            self.running_in[t.queue] -= 1
+            waiting = self.waiting.get(t.queue)
+            if waiting:
+                self._fill(t.queue, int(waiting[0]["queue"][1]))
+
+    def start(self, req: dict[str, Any], queue: str | None = None) -> None:
         tid = int(req["id"])
         argv = [str(a) for a in req["argv"]]
         now = time.time()
@@ -110,8 +148,10 @@ class Spawner:
             return self._failed(tid, f"could not start {argv[0]!r}: {e}", now)
         timeout = req.get("timeout")
         t = _Task(tid, proc, int(req.get("cap", 1 << 20)), float(req.get("grace", 2.0)), now,
-                  None if timeout is None else time.monotonic() + float(timeout))
+                  None if timeout is None else time.monotonic() + float(timeout), queue=queue)
         self.tasks[tid] = t
+        if queue is not None:
+            self.running_in[queue] = self.running_in.get(queue, 0) + 1
         assert proc.stdout is not None and proc.stderr is not None
         for pipe, stream in ((proc.stdout, "out"), (proc.stderr, "err")):
             os.set_blocking(pipe.fileno(), False)
@@ -122,7 +162,16 @@ class Spawner:
         self.send({"id": tid, "error": error, "started": started, "ended": time.time()})
 
     def stop(self, tid: int, *, cancel: bool) -> None:
-        """Timeout or cancel: SIGTERM the group now, SIGKILL it after the grace."""
+        """Timeout or cancel: SIGTERM the group now, SIGKILL it after the grace. A queued task never starts."""
+        for name, waiting in self.waiting.items():
+            for req in waiting:
+                if int(req["id"]) == tid:
+                    waiting.remove(req)
+                    now = time.time()
+                    self.send(_reply(tid, None, Capture(0), Capture(0), now, now, cancelled=True))
+                    if not waiting:
+                        del self.waiting[name]
+                    return
         t = self.tasks.get(tid)
         if t is None or t.ended is not None or t.kill_at is not None:
             return
@@ -137,6 +186,7 @@ class Spawner:
             os.close(key.fd)
             t.proc.wait()
             t.ended = time.time()
+            self._slot_freed(t)  # the next task of its queue starts now, not when the worker hears of this one
             # The attempt ends with its main process: stragglers in the group would hold the pipes open.
             _killpg(t.proc.pid, signal.SIGKILL)
             t.drain_until = time.monotonic() + t.grace
@@ -191,6 +241,7 @@ class Spawner:
         data = os.read(fd, READ_CHUNK)
         if not data:
             self.stdin_open = False
+            self.waiting.clear()  # nobody to run them for
             self.sel.unregister(fd)
             for t in self.tasks.values():
                 _killpg(t.proc.pid, signal.SIGKILL)
@@ -201,7 +252,7 @@ class Spawner:
             try:
                 req = json.loads(line)
                 if req["op"] == "run":
-                    self.start(req)
+                    self.submit(req)
                 elif req["op"] == "cancel":
                     self.stop(int(req["id"]), cancel=True)
             except (ValueError, KeyError, TypeError) as e:

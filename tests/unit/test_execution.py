@@ -240,6 +240,42 @@ def test_a_cancel_that_comes_before_the_task_started_still_stops_it(tmp_path: Pa
     assert took < 10
 
 
+def _queued(tmp_path: Path, argvs: list[list[str]], slots: int, cancel: str | None = None) -> list[TaskOutcome]:
+    """Run the attempts at once through one spawner queue of `slots`; optionally cancel one while it waits."""
+    async def scenario() -> list[TaskOutcome]:
+        ex = Executor(kill_grace_s=0.5)
+        runs = []
+        for i, argv in enumerate(argvs):
+            (tmp_path / str(i)).mkdir(parents=True)
+            runs.append(TaskRun(f"t{i}", tuple(argv), {}, tmp_path / str(i), (), Limits(), queue=("ce", slots)))
+        tasks = [asyncio.create_task(ex.run(r)) for r in runs]
+        if cancel is not None:
+            await asyncio.sleep(0.3)
+            assert ex.cancel(cancel)
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            ex.close()
+
+    return asyncio.run(scenario())
+
+
+def test_a_queue_runs_no_more_attempts_at_once_than_its_slots(tmp_path: Path) -> None:
+    for slots in (1, 2):
+        outs = _queued(tmp_path / str(slots), [["sleep", "0.2"]] * 5, slots)
+        assert all(o.ok for o in outs)
+        spans = sorted((o.started_at, o.ended_at) for o in outs)
+        most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+        assert most == slots, spans
+
+
+def test_an_attempt_cancelled_while_queued_never_runs(tmp_path: Path) -> None:
+    outs = _queued(tmp_path, [["sleep", "1"], ["sh", "-c", "echo ran > marker"], ["true"]], 1, cancel="t1")
+    assert outs[0].ok and outs[2].ok
+    assert outs[1].cancelled and outs[1].exit_code is None and not (tmp_path / "1" / "marker").exists()
+    assert outs[2].started_at >= outs[0].ended_at  # the cancelled one did not hold the slot
+
+
 def test_asyncio_cancel_kills_and_raises(tmp_path: Path) -> None:
     async def scenario() -> None:
         ex = Executor(kill_grace_s=0.5)
