@@ -143,11 +143,13 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
             else:
                 out.print(f"submitted [bold]{job}[/]; follow it with `bonjourgrid status {job}`")
             return 0
-        status, holder = await _follow(node, job, len(spec.tasks), as_json)
         dest = (results or Path("results") / job).resolve()
+        stream = _Stream(node, job, dest)
+        status, holder = await _follow(node, job, len(spec.tasks), as_json, stream)
         if status["state"] != "cancelled" or status["tasks_done"]:
-            if holder is node:  # our own node: it writes the files straight into dest
-                status = await node.ask("export", {"job": job, "dest": str(dest)}, timeout=600)
+            if holder is node:  # our own node: it writes the files straight into dest, the rest of them
+                status = await node.ask("export", {"job": job, "dest": str(dest), "after": stream.mark},
+                                        timeout=600)
             else:
                 status = await fetch_results(holder, job, dest)
         _report(status, as_json)
@@ -165,7 +167,31 @@ class _Lost(Exception):
     pass
 
 
-async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[dict[str, Any], LocalNode]:
+class _Stream:
+    """Results written into the results directory while the job runs, by the node that coordinates it.
+
+    At the end only the tasks done since the last round are left to write: on a big sweep, writing
+    thousands of files after the last task was most of the wait (docs/architecture.md §6).
+    """
+
+    def __init__(self, node: LocalNode, job: str, dest: Path) -> None:
+        self.node, self.job, self.dest = node, job, dest
+        self.mark = 0  # see jobs._export: meaningful only for `node`'s journal
+        self.on = True
+
+    async def step(self, via: LocalNode) -> None:
+        if not self.on or via is not self.node:
+            return
+        try:
+            reply = await self.node.ask("export", {"job": self.job, "dest": str(self.dest), "after": self.mark,
+                                                   "partial": True}, timeout=60)
+            self.mark = int(reply["mark"])
+        except (NodeUnavailable, RequestFailed, KeyError, TypeError, ValueError):
+            self.on = False  # the results are written at the end; an error is reported then
+
+
+async def _follow(node: LocalNode, job: str, total: int, quiet: bool,
+                  stream: _Stream | None = None) -> tuple[dict[str, Any], LocalNode]:
     """Progress until the job ends; Ctrl-C asks: cancel the job, or detach and leave it running.
 
     If the coordinator stops answering, or says the CE moved, follow the CE to the node that
@@ -195,6 +221,8 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool) -> tuple[d
                     f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
                 if status["state"] in FINAL_STATES:
                     return status, node
+                if stream is not None:
+                    await stream.step(node)
                 if interrupted.is_set():
                     interrupted.clear()
                     if await _ask_cancel(bar):

@@ -186,25 +186,35 @@ def list_jobs(daemon: NodeDaemon) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: s.get("seconds", 0))
 
 
-async def export(daemon: NodeDaemon, job: str, dest: Path) -> dict[str, Any]:
-    """Write a job's results under `dest`: per task stdout, stderr, outputs/, result.json; and summary.json."""
+async def export(daemon: NodeDaemon, job: str, dest: Path, after: int = 0, final: bool = True) -> dict[str, Any]:
+    """Write a job's results under `dest`: per task stdout, stderr, outputs/, result.json; and summary.json.
+
+    `after` and `final=False`: see `_export` (results stream into `dest` while the job runs).
+    """
     status = job_status(daemon, job)
     ce = daemon.ces.get(job)
     if ce is not None:
         async with ce.journal_lock:
             if ce.journal is not None:  # still coordinating: export what is recorded so far
-                return await asyncio.to_thread(_export, ce.journal, ce.dir, job, dest, status)
+                return await asyncio.to_thread(_export, ce.journal, ce.dir, job, dest, status, after, final)
     try:
         journal = await asyncio.to_thread(Journal.open, ces_dir(daemon) / job / "journal.db")
     except JournalError as e:
         raise JobRequestError(f"cannot read the journal of {job}: {e}") from None
     try:
-        return await asyncio.to_thread(_export, journal, ces_dir(daemon) / job, job, dest, status)
+        return await asyncio.to_thread(_export, journal, ces_dir(daemon) / job, job, dest, status, after, final)
     finally:
         journal.close()
 
 
-def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[str, Any]) -> dict[str, Any]:
+def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[str, Any], after: int = 0,
+            final: bool = True) -> dict[str, Any]:
+    """Write the results; returns the status with `results_dir` and `mark`.
+
+    `after` is the `mark` an earlier call on this same journal returned: the tasks done by then are
+    not written again. `final=False` writes only the tasks done since, and no summary.json: the
+    results then stream into `dest` while the job runs.
+    """
     if not dest.is_absolute():
         raise JobRequestError("the results directory must be an absolute path")
     dest.mkdir(parents=True, exist_ok=True)
@@ -212,10 +222,12 @@ def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[s
     if row is None:
         raise JobRequestError(f"the journal has no job {job}")
     width = len(str(max(row.n_tasks - 1, 0)))
+    fresh, mark = journal.results_since(job, after)  # one query, not one per task
+    results = dict(journal.results(job)) if final and after else dict(fresh)  # a summary lists every task
+    new = {i for i, _ in fresh}
     tasks = []
-    results = dict(journal.results(job))  # one query, not one per task
     writes: list[tuple[str, ResultRecord, dict[str, Any], Path | None]] = []
-    for t in journal.tasks(job):
+    for t in journal.tasks(job) if final else journal.tasks_in(job, list(new)):
         rec = results.get(t.index)
         if rec is None and t.state == "failed":
             fails = journal.failures(job, t.index)
@@ -226,8 +238,9 @@ def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[s
             entry.update(exit_code=rec.exit_code, node=rec.node_id, attempt=rec.attempt,
                          seconds=round(rec.finished_at - rec.started_at, 3),
                          outputs=[o.to_dict() for o in rec.outputs], **rec.extra)
-            src = ce_dir / "outputs" / str(t.index)
-            writes.append((f"{t.index:0{width}d}", rec, entry, src if t.state == "done" else None))
+            if t.index in new or t.state != "done":  # a done task's files are final: written once
+                src = ce_dir / "outputs" / str(t.index)
+                writes.append((f"{t.index:0{width}d}", rec, entry, src if t.state == "done" else None))
         tasks.append(entry)
     # Creating files is what takes time (tens of thousands for a big sweep): in parallel, by
     # directory descriptor. Threads hide NFS round trips (lab home directories) and, on ext4
@@ -238,9 +251,10 @@ def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[s
             list(pool.map(lambda w: _export_task(root, dest, *w), writes))
     finally:
         os.close(root)
-    summary = {**status, "results_dir": str(dest), "tasks": tasks}
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {**status, "results_dir": str(dest)}
+    if final:
+        summary = {**status, "results_dir": str(dest), "tasks": tasks}
+        (dest / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {**status, "results_dir": str(dest), "mark": mark}
 
 
 EXPORT_THREADS = 8

@@ -769,6 +769,25 @@ class Journal:
         for row in rows:
             yield row[0], _result_from_row(row[1:])
 
+    def results_since(self, job_id: str, after: int) -> tuple[list[tuple[int, ResultRecord]], int]:
+        """(index, result) recorded after the mark `after` (0: all), and the mark to pass next time.
+
+        The mark is the results table's rowid, which grows with every result this file records: it
+        means nothing for another journal (a successor's, a replica's).
+        """
+        with self._mutex:
+            rows = self._conn.execute(
+                f"SELECT rowid, idx, {_RESULT_COLS} FROM results WHERE job_id=? AND rowid > ? ORDER BY rowid",
+                (job_id, after),
+            ).fetchall()
+        return [(row[1], _result_from_row(row[2:])) for row in rows], max((row[0] for row in rows), default=after)
+
+    def tasks_in(self, job_id: str, indices: list[int]) -> list[TaskRow]:
+        """The tasks of the job among `indices`, by index."""
+        with self._mutex:
+            rows = [row[1:] for row in self._by_index(job_id, _TASK_COLS, indices)]
+        return sorted((_task_from_row(r) for r in rows), key=lambda t: t.index)
+
     def failures(self, job_id: str, index: int) -> list[ResultRecord]:
         """Every failed attempt of the task, oldest attempt first."""
         with self._mutex:

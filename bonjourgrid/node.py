@@ -447,4 +447,10 @@ class NodeDaemon:
         return {"job": job, "state": ce.state}
 
     async def _on_export(self, req: Envelope) -> dict[str, object]:
-        return await jobs.export(self, str(req.body.get("job", "")), Path(str(req.body.get("dest", ""))))
+        body = req.body
+        try:
+            after = int(body.get("after", 0))
+        except (TypeError, ValueError):
+            raise jobs.JobRequestError("`after` must be a mark from an earlier export") from None
+        return await jobs.export(self, str(body.get("job", "")), Path(str(body.get("dest", ""))), after,
+                                 final=body.get("partial") is not True)

@@ -413,3 +413,27 @@ def test_a_lent_desktop_removes_old_copies_of_other_jobs_but_never_its_owners(gr
     r = nodes[0].cli("results", job, "--dest", str(tmp_path / "again"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["tasks_done"] == 4
+
+
+def test_results_stream_into_the_results_directory_while_the_job_runs(grid, tmp_path):
+    g = grid(3)
+    nodes = g.start_all()
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+    res = tmp_path / "r"
+    # task 7 runs long: the others' results must be on disk before the job ends
+    argv = nodes[0].cli_argv("submit", "--json", "--results", str(res), "--tasks", "8", "--",
+                             "sh", "-c", 'if [ {i} = 7 ]; then sleep 6; fi; echo out-{i}')
+    submit = nodes[0].host.spawn(argv, "submit")
+    try:
+        wait_for(lambda: all((res / str(i) / "stdout").is_file() for i in range(7)), 30, 0.1, "early results")
+        assert submit.alive() and not (res / "summary.json").exists()  # the job is still running
+        assert not (res / "7").exists()
+        wait_for(lambda: not submit.alive(), 60, 0.2, "the end of the job")
+    finally:
+        submit.stop()
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["tasks_done"] == 8
+    assert [t["index"] for t in summary["tasks"]] == list(range(8))
+    for i in range(8):
+        assert (res / str(i) / "stdout").read_text() == f"out-{i}\n"
+        assert json.loads((res / str(i) / "result.json").read_text())["exit_code"] == 0
