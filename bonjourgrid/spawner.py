@@ -255,8 +255,8 @@ class Spawner:
                     self.submit(req)
                 elif req["op"] == "cancel":
                     self.stop(int(req["id"]), cancel=True)
-            except (ValueError, KeyError, TypeError) as e:
-                print(f"bonjourgrid spawner: dropped a bad request: {e}", file=sys.stderr, flush=True)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                print(f"bonjourgrid spawner: dropped a bad request: {e!r}", file=sys.stderr, flush=True)
 
     def run(self, stdin_fd: int) -> None:
         self.sel.register(stdin_fd, selectors.EVENT_READ, "stdin")

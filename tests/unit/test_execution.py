@@ -471,7 +471,8 @@ def test_a_garbled_request_is_dropped_and_the_spawner_goes_on(tmp_path: Path) ->
     p = subprocess.Popen([PY, "-I", str(spawner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
-    p.stdin.write(f"not json\n{{}}\n{req}\n".encode())
+    bad_queue = json.dumps({"op": "run", "id": 2, "argv": ["true"], "cwd": str(tmp_path), "env": {}, "queue": []})
+    p.stdin.write(f"not json\n{{}}\n{bad_queue}\n{req}\n".encode())
     p.stdin.flush()
     reply = json.loads(p.stdout.readline())  # stdin stays open: closing it would kill the task
     p.stdin.close()
