@@ -63,6 +63,7 @@ class GridView:
         self._instances: dict[str, str] = {}
         self.ignored: dict[str, str] = {}  # instance name -> reason (distinct services)
         self.dropped: Counter[str] = Counter()  # every dropped record, by reason
+        self._newest: dict[str, int] = {}  # instance name -> newest timestamp accepted for it
 
     def offer(
         self,
@@ -81,11 +82,19 @@ class GridView:
             return None
         old = self.nodes.get(ann.node_id)
         if old is not None and ann.timestamp_ms < old.ann.timestamp_ms:
-            # An older signed record than the one we hold: a replay, or a
-            # straggler from before a state change. Never go back in time.
-            self._drop(instance_name, "replayed", ann.node_id)
+            # An older signed record than the one we hold: never go back in time. The very record
+            # we last accepted for that service is a straggler (the state a node just left, read
+            # again from the mDNS cache after its goodbye), not worth a warning; any other is a replay.
+            if ann.timestamp_ms == self._newest.get(instance_name):
+                self.dropped["superseded"] += 1
+                log.debug("ignoring %s: superseded by a newer record of %s", instance_name[:80], ann.node_id)
+            else:
+                self._drop(instance_name, "replayed", ann.node_id)
             return None
         self.ignored.pop(instance_name, None)
+        if instance_name not in self._newest and len(self._newest) >= MAX_IGNORED:
+            del self._newest[next(iter(self._newest))]
+        self._newest[instance_name] = ann.timestamp_ms
         rec = NodeRecord(ann, addresses, port, old.first_seen if old else now, now)
         self.nodes[ann.node_id] = rec
         self._instances[instance_name] = ann.node_id

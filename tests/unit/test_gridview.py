@@ -40,6 +40,22 @@ def test_replayed_older_record_never_wins():
     assert v.dropped["replayed"] == 1
 
 
+def test_the_state_a_node_just_left_read_again_is_dropped_quietly(caplog):
+    v = GridView("lab", KEY)
+    worker = ann(Role.WORKER, ce="c1", coordinator="fedcba9876543210", epoch=1)
+    offer(v, worker)
+    idle = ann(ts=worker.timestamp_ms + 1)
+    offer(v, idle)
+    v.remove(worker.instance_name)  # the worker service's goodbye
+    with caplog.at_level("WARNING"):
+        assert offer(v, worker) is None  # its last record, again, from the mDNS cache
+    assert v.nodes[idle.node_id].ann.role is Role.IDLE
+    assert v.dropped == {"superseded": 1} and v.ignored == {} and not caplog.records
+    older = ann(Role.WORKER, ts=worker.timestamp_ms - 1000, ce="c1", coordinator="fedcba9876543210", epoch=1)
+    assert offer(v, older) is None  # older than anything seen for that service: a replay
+    assert v.dropped["replayed"] == 1 and v.ignored == {older.instance_name: "replayed"}
+
+
 def test_ignored_services_are_counted_once_per_service_and_bounded():
     v = GridView("lab", KEY)
     other = GridKey.generate()
