@@ -402,10 +402,13 @@ def test_a_lent_desktop_removes_old_copies_of_other_jobs_but_never_its_owners(gr
     assert copies, "no worker held a replica of the journal"
     leftover = workers[0].state_dir / "work" / "killed-ce"  # what a worker killed in a CE leaves
     leftover.mkdir(parents=True)
-    time.sleep(2)
     for n in nodes:
         n.proc.stop()
-    nodes = [g.start(n.host, "--keep-copies", "0.00002") for n in nodes]  # 1.7 s
+    hour_ago = time.time() - 3600  # everything, the submitter's job too, untouched for an hour
+    for d in [leftover, *(n.state_dir / "ces" / job for n in [submitter, *copies])]:
+        for p in [*d.iterdir(), d]:
+            os.utime(p, (hour_ago, hour_ago))
+    nodes = [g.start(n.host, "--keep-copies", "0.02") for n in nodes]  # about half an hour
     wait_for(lambda: not any((n.state_dir / "ces" / job).exists() for n in copies) and not leftover.exists(),
              20, 0.2, "old copies removed")
     assert any("removed" in line and job in line for n in nodes for line in n.proc.output().splitlines())

@@ -240,8 +240,9 @@ def test_a_cancel_that_comes_before_the_task_started_still_stops_it(tmp_path: Pa
     assert took < 10
 
 
-def _queued(tmp_path: Path, argvs: list[list[str]], slots: int, cancel: str | None = None) -> list[TaskOutcome]:
-    """Run the attempts at once through one spawner queue of `slots`; optionally cancel one while it waits."""
+def _queued(tmp_path: Path, argvs: list[list[str]], slots: int, cancel: str | None = None,
+            once: Path | None = None) -> list[TaskOutcome]:
+    """Run the attempts at once through one spawner queue of `slots`; optionally cancel one once `once` exists."""
     async def scenario() -> list[TaskOutcome]:
         ex = Executor(kill_grace_s=0.5)
         runs = []
@@ -250,7 +251,9 @@ def _queued(tmp_path: Path, argvs: list[list[str]], slots: int, cancel: str | No
             runs.append(TaskRun(f"t{i}", tuple(argv), {}, tmp_path / str(i), (), Limits(), queue=("ce", slots)))
         tasks = [asyncio.create_task(ex.run(r)) for r in runs]
         if cancel is not None:
-            await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while once is not None and not once.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             assert ex.cancel(cancel)
         try:
             return list(await asyncio.gather(*tasks))
@@ -270,7 +273,9 @@ def test_a_queue_runs_no_more_attempts_at_once_than_its_slots(tmp_path: Path) ->
 
 
 def test_an_attempt_cancelled_while_queued_never_runs(tmp_path: Path) -> None:
-    outs = _queued(tmp_path, [["sleep", "1"], ["sh", "-c", "echo ran > marker"], ["true"]], 1, cancel="t1")
+    first = ["sh", "-c", "touch ../running; sleep 1"]  # holds the only slot while t1 waits behind it
+    outs = _queued(tmp_path, [first, ["sh", "-c", "echo ran > marker"], ["true"]], 1, cancel="t1",
+                   once=tmp_path / "running")
     assert outs[0].ok and outs[2].ok
     assert outs[1].cancelled and outs[1].exit_code is None and not (tmp_path / "1" / "marker").exists()
     assert outs[2].started_at >= outs[0].ended_at  # the cancelled one did not hold the slot
