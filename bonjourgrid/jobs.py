@@ -242,13 +242,19 @@ def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[s
                 src = ce_dir / "outputs" / str(t.index)
                 writes.append((f"{t.index:0{width}d}", rec, entry, src if t.state == "done" else None))
         tasks.append(entry)
-    # Creating files is what takes time (tens of thousands for a big sweep): in parallel, by
-    # directory descriptor. Threads hide NFS round trips (lab home directories) and, on ext4
-    # without a journal, the inode allocator's scan of recently freed inodes (docs/architecture.md §6).
+    # Creating files is what takes time (tens of thousands for a big sweep), so relative to a
+    # directory descriptor. At the end, in parallel: threads hide NFS round trips (lab home
+    # directories) and, on ext4 without a journal, the inode allocator's scan of recently freed
+    # inodes. While the job runs, in this one thread: there the tasks need the CPU, and handing
+    # files to a pool cost a third more of it (docs/architecture.md §6).
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with ThreadPoolExecutor(EXPORT_THREADS, thread_name_prefix="bg-export") as pool:
-            list(pool.map(lambda w: _export_task(root, dest, *w), writes))
+        if final:
+            with ThreadPoolExecutor(EXPORT_THREADS, thread_name_prefix="bg-export") as pool:
+                list(pool.map(lambda w: _export_task(root, dest, *w), writes))
+        else:
+            for w in writes:
+                _export_task(root, dest, *w)
     finally:
         os.close(root)
     if final:
@@ -264,20 +270,16 @@ def _export_task(root: int, dest: Path, name: str, rec: ResultRecord, entry: dic
                  outputs: Path | None) -> None:
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, dir_fd=root)
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
-    try:
-        for file, data in (("stdout", rec.stdout), ("stderr", rec.stderr),
-                           ("result.json", json.dumps(entry, indent=2).encode())):
-            out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
-            finally:
-                os.close(out)
-    finally:
-        os.close(fd)
-    if outputs is not None and outputs.is_dir():
+    for file, data in (("stdout", rec.stdout), ("stderr", rec.stderr),
+                       ("result.json", json.dumps(entry, indent=2).encode())):
+        out = os.open(f"{name}/{file}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=root)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+        finally:
+            os.close(out)
+    if outputs is not None and rec.outputs and outputs.is_dir():
         shutil.copytree(outputs, dest / name / "outputs", dirs_exist_ok=True)
 
 
