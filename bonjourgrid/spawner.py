@@ -101,10 +101,19 @@ class Spawner:
         self.stdin_open = True
         self.waiting: dict[str, deque[dict[str, Any]]] = {}  # queue -> requests not started yet
         self.running_in: dict[str, int] = {}  # queue -> its tasks whose process has not exited
+        self.unsent: list[bytes] = []
 
     def send(self, msg: dict[str, Any]) -> None:
+        """Queued until the end of this round of events: tasks that end together are one write."""
+        self.unsent.append(json.dumps(msg).encode())
+
+    def flush(self) -> None:
+        if not self.unsent:
+            return
+        data = b"\n".join(self.unsent) + b"\n"
+        self.unsent.clear()
         try:
-            self.out.write(json.dumps(msg).encode() + b"\n")
+            self.out.write(data)
             self.out.flush()
         except BrokenPipeError:  # the worker is gone: nobody to tell
             self.stdin_open = False
@@ -267,6 +276,7 @@ class Spawner:
                 else:
                     self.on_ready(key)
             self.on_time(time.monotonic())
+            self.flush()
             if not self.stdin_open and self.tasks:
                 for t in self.tasks.values():
                     _killpg(t.proc.pid, signal.SIGKILL)
@@ -313,6 +323,7 @@ class SpawnerClient:
         self.writer: Any = None
         self.pending: dict[int, Any] = {}
         self.next_id = 0
+        self.unsent: list[bytes] = []
         self.dead: str | None = None
         self.last_used = time.monotonic()
         self._ready = self.loop.create_task(self._connect())
@@ -330,7 +341,7 @@ class SpawnerClient:
     async def submit(self, request: dict[str, Any]) -> tuple[int, Any]:
         """Start a task: (request id, future of its reply). The future fails with SpawnerDied."""
         await self._ready
-        if not self.alive():
+        if self.dead is not None or self.popen.returncode is not None:  # poll()ed by the caller just now
             raise SpawnerDied(self.dead or "the task spawner exited")
         self.next_id += 1
         rid = self.next_id
@@ -346,8 +357,16 @@ class SpawnerClient:
         self._write({"op": "cancel", "id": request_id})
 
     def _write(self, msg: dict[str, Any]) -> None:
+        """Queued until the end of this turn of the event loop: tasks handed over together are one write."""
+        self.unsent.append(json.dumps(msg).encode())
+        if len(self.unsent) == 1:
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        data = b"\n".join(self.unsent) + b"\n"
+        self.unsent.clear()
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(json.dumps(msg).encode() + b"\n")
+            self.writer.write(data)
 
     async def _read(self) -> None:
         try:
