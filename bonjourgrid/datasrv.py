@@ -198,13 +198,13 @@ def upload(url: str, key: GridKey, ce: str, index: int, attempt: int, rel: str, 
            timeout: float = 300.0) -> None:
     """Upload one output file (blocking: call in a thread)."""
     path = f"/outputs/{index}/{attempt}/{urllib.request.quote(rel)}"
-    size = src.stat().st_size
-    with open(src, "rb") as f:
-        req = urllib.request.Request(url + path, data=f, method="PUT", headers={
-            "Authorization": auth_header(key, ce, "PUT", path), "X-SHA256": sha, "Content-Length": str(size),
-        })
-        try:
+    try:
+        with open(src, "rb") as f:  # gone or unreadable since it was hashed: the attempt fails, clearly
+            req = urllib.request.Request(url + path, data=f, method="PUT", headers={
+                "Authorization": auth_header(key, ce, "PUT", path), "X-SHA256": sha,
+                "Content-Length": str(os.fstat(f.fileno()).st_size),
+            })
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 r.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise DataError(f"cannot upload {rel}: {e}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"cannot upload {rel}: {e}") from None

@@ -133,6 +133,11 @@ class NativeWorker(WorkerHalf):
             self.executor.prepare(self._limits())
         try:
             await self._pull()
+            await asyncio.sleep(0)  # the pull leaves now; the sandboxes are made while it travels
+            try:
+                self.sandboxes.reserve(self.worker.slots)
+            except OSError as e:  # a full disk, say: each task then reports it when it needs its sandbox
+                log.warning("CE %s: could not prepare the task sandboxes: %s", self.worker.ce, e)
             while True:
                 item = await self.queue.get()
                 await self._free_slots.acquire()
@@ -205,7 +210,8 @@ class NativeWorker(WorkerHalf):
     async def _fetch_inputs(self, inputs: list[dict[str, Any]]) -> Path:
         """Each input once per CE, checked by sha256, into a cache the sandboxes copy from."""
         cache = self.worker.dir / "inputs"
-        cache.mkdir(parents=True, exist_ok=True)
+        if inputs:
+            cache.mkdir(parents=True, exist_ok=True)
         for f in inputs:
             dest = cache / f["sha256"]
             if not dest.exists():
@@ -216,34 +222,16 @@ class NativeWorker(WorkerHalf):
         return cache
 
     async def _run_one(self, item: dict[str, Any]) -> None:
-        cfg = self.worker.config
         index, attempt = int(item["index"]), int(item["attempt"])
         self.running_now.add(index)
-        sandbox = self.sandboxes.take()
+        sandbox: Path | None = None
         try:
-            assert self._inputs_ready is not None
             try:
-                cache = await asyncio.shield(self._inputs_ready)
-                inputs = cfg.get("inputs") or []
-                if inputs:  # copying can take a while: off the event loop
-                    await asyncio.to_thread(self._prepare, sandbox, cache, inputs)
-            except (DataError, OSError, ValueError) as e:
-                outcome = TaskOutcome.failure(f"could not stage inputs: {e}")
+                sandbox = self.sandboxes.take()
+            except OSError as e:  # a full disk, say: a failed attempt (retried elsewhere), not a lost task
+                outcome = TaskOutcome.failure(f"could not make the task's sandbox: {e}")
             else:
-                run = TaskRun(
-                    task_id=f"{self.worker.ce}/{index}/{attempt}",
-                    argv=tuple(item["argv"]),
-                    env=dict(item.get("env") or {}),
-                    sandbox=sandbox,
-                    output_globs=tuple(cfg.get("outputs") or ()),
-                    limits=self._limits(),
-                    runtime=cfg.get("runtime", "process"),
-                    image=cfg.get("image"),
-                    network=bool(cfg.get("network", False)),
-                    queue=(self.worker.ce, self.worker.slots) if self._queued else None,
-                )
-                outcome = await self.executor.run(run)
-                self._avg_task_s = 0.8 * self._avg_task_s + 0.2 * max(outcome.ended_at - outcome.started_at, 0.0)
+                outcome = await self._attempt(item, index, attempt, sandbox)
             result = await self._result(index, attempt, sandbox, outcome)
         finally:
             self.in_hand -= 1
@@ -255,7 +243,34 @@ class NativeWorker(WorkerHalf):
             self._flush.set()  # idle, about to run dry, or the buffer is half empty: the pull rides along
         elif self._flush_timer is None:
             self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_S, self._flush.set)
-        self.sandboxes.give_back(sandbox)
+        if sandbox is not None:
+            self.sandboxes.give_back(sandbox)
+
+    async def _attempt(self, item: dict[str, Any], index: int, attempt: int, sandbox: Path) -> TaskOutcome:
+        cfg = self.worker.config
+        assert self._inputs_ready is not None
+        try:
+            cache = await asyncio.shield(self._inputs_ready)
+            inputs = cfg.get("inputs") or []
+            if inputs:  # copying can take a while: off the event loop
+                await asyncio.to_thread(self._prepare, sandbox, cache, inputs)
+        except (DataError, OSError, ValueError) as e:
+            return TaskOutcome.failure(f"could not stage inputs: {e}")
+        run = TaskRun(
+            task_id=f"{self.worker.ce}/{index}/{attempt}",
+            argv=tuple(item["argv"]),
+            env=dict(item.get("env") or {}),
+            sandbox=sandbox,
+            output_globs=tuple(cfg.get("outputs") or ()),
+            limits=self._limits(),
+            runtime=cfg.get("runtime", "process"),
+            image=cfg.get("image"),
+            network=bool(cfg.get("network", False)),
+            queue=(self.worker.ce, self.worker.slots) if self._queued else None,
+        )
+        outcome = await self.executor.run(run)
+        self._avg_task_s = 0.8 * self._avg_task_s + 0.2 * max(outcome.ended_at - outcome.started_at, 0.0)
+        return outcome
 
     def _limits(self) -> Limits:
         cfg = self.worker.config
@@ -269,13 +284,16 @@ class NativeWorker(WorkerHalf):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache / f["sha256"], dest)  # a copy: a task may change its inputs
 
-    async def _result(self, index: int, attempt: int, sandbox: Path, o: TaskOutcome) -> dict[str, Any]:
+    async def _result(self, index: int, attempt: int, sandbox: Path | None, o: TaskOutcome) -> dict[str, Any]:
         inline: dict[str, str] = {}
         error = o.error
-        for out in o.outputs if o.ok else ():
+        for out in o.outputs if o.ok and sandbox is not None else ():
             path = sandbox / out.path
             if out.size <= INLINE_MAX:
-                inline[out.path] = base64.b64encode(path.read_bytes()).decode()
+                try:
+                    inline[out.path] = base64.b64encode(path.read_bytes()).decode()
+                except OSError as e:  # gone or unreadable since it was hashed (an escaped process?)
+                    error = f"could not read output {out.path}: {e}"
             else:
                 try:
                     await asyncio.to_thread(upload, self.worker.data_url or "", self.worker.key, self.worker.ce,

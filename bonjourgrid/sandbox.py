@@ -191,8 +191,16 @@ class SandboxPool:
         self._made = 0
 
     def take(self) -> Path:
-        if self._free:
-            return self._free.pop()
+        return self._free.pop() if self._free else self._make()
+
+    def reserve(self, count: int) -> None:
+        """Have `count` sandboxes (with their tmp/) made: while the first tasks are on their way."""
+        while self._made < count:
+            path = self._make()
+            (path / "tmp").mkdir(exist_ok=True)
+            self._free.append(path)
+
+    def _make(self) -> Path:
         self._made += 1
         path = self.root / f"slot-{self._made}"
         path.mkdir(parents=True, exist_ok=True)

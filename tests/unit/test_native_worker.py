@@ -1,0 +1,93 @@
+"""The native worker half: whatever goes wrong with an attempt on this node, the task comes back as
+a result (failed, with the reason), never disappears with its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bonjourgrid.datasrv import DataError, upload
+from bonjourgrid.execution import Executor, TaskOutcome
+from bonjourgrid.gridkey import GridKey
+from bonjourgrid.native import NativeWorker
+from bonjourgrid.sandbox import OutputFile, SandboxPool
+
+
+class _WorkerCE:
+    """The parts of a WorkerCE the worker half reads."""
+
+    def __init__(self, root: Path, executor: Executor) -> None:
+        self.dir, self.ce, self.slots, self.config = root, "ce-unit", 1, {}
+        self.key, self.data_url = GridKey.generate(), None
+        self.daemon = SimpleNamespace(task_executor=lambda: executor)
+
+
+@pytest.fixture
+def executor():
+    ex = Executor()
+    yield ex
+    ex.close()
+
+
+def _take_one(half: NativeWorker, index: int) -> dict:
+    """What `on_message` and `run` do before a task's coroutine starts."""
+    half.in_hand += 1
+    half.running_now.add(index)
+    return {"index": index, "attempt": 1, "argv": ["true"], "env": {}}
+
+
+def test_a_sandbox_that_cannot_be_made_fails_the_attempt_and_frees_the_slot(tmp_path, executor):
+    async def main():
+        worker = _WorkerCE(tmp_path / "ce", executor)
+        worker.dir.mkdir()
+        (worker.dir / "tasks").write_text("not a directory")  # every sandbox's mkdir fails, even as root
+        half = NativeWorker(worker)
+        half._inputs_ready = asyncio.ensure_future(asyncio.sleep(0, result=worker.dir / "inputs"))
+        await half._free_slots.acquire()
+        await half._run_one(_take_one(half, 7))
+        return half
+
+    half = asyncio.run(main())
+    [result] = half._results
+    assert (result["index"], result["ok"]) == (7, False)
+    assert "could not make the task's sandbox" in result["error"]
+    assert half.unacked == {(7, 1): result}  # sent, and resent until acknowledged
+    assert half.in_hand == 0 and not half.running_now
+    assert half._free_slots._value == 2  # the slot (and the one ahead of it) are free again
+
+
+def test_an_output_gone_before_it_is_sent_fails_the_attempt_clearly(tmp_path, executor):
+    async def main():
+        half = NativeWorker(_WorkerCE(tmp_path, executor))
+        gone = OutputFile(path="out/result.txt", size=3, sha256=hashlib.sha256(b"abc").hexdigest())
+        outcome = TaskOutcome(0, b"done\n", b"", False, False, 1.0, 2.0, False, False, (gone,), None)
+        return await half._result(3, 1, tmp_path, outcome)
+
+    result = asyncio.run(main())
+    assert result["ok"] is False
+    assert "could not read output out/result.txt" in result["error"]
+    assert result["stdout"]  # what the task printed still comes back
+
+
+def test_uploading_a_file_that_is_gone_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"cannot upload big\.bin"):
+        upload("http://127.0.0.1:9", GridKey.generate(), "ce", 0, 1, "big.bin", tmp_path / "big.bin", "0" * 64)
+
+
+def test_reserved_sandboxes_are_ready_with_their_tmp_and_taken_before_new_ones(tmp_path):
+    pool = SandboxPool(tmp_path / "tasks")
+    pool.reserve(2)
+    made = sorted(p.name for p in (tmp_path / "tasks").iterdir())
+    assert made == ["slot-1", "slot-2"]
+    assert all((tmp_path / "tasks" / m / "tmp").is_dir() for m in made)
+    first, second, third = pool.take(), pool.take(), pool.take()
+    assert {first.name, second.name} == {"slot-1", "slot-2"} and third.name == "slot-3"
+    (first / "left-over").write_text("x")
+    pool.give_back(first)
+    assert pool.take() == first and list(first.iterdir()) == [first / "tmp"]  # emptied, tmp/ kept
+    pool.reserve(2)  # enough made already: nothing new
+    assert len(list((tmp_path / "tasks").iterdir())) == 3
