@@ -231,7 +231,11 @@ class NativeWorker(WorkerHalf):
             except OSError as e:  # a full disk, say: a failed attempt (retried elsewhere), not a lost task
                 outcome = TaskOutcome.failure(f"could not make the task's sandbox: {e}")
             else:
-                outcome = await self._attempt(item, index, attempt, sandbox)
+                try:
+                    outcome = await self._attempt(item, index, attempt, sandbox)
+                except Exception as e:  # a bug of ours: the attempt fails (and is retried), loudly
+                    log.exception("CE %s: task %d, attempt %d: the worker failed", self.worker.ce, index, attempt)
+                    outcome = TaskOutcome.failure(f"the worker failed to run the task: {e!r}")
             result = await self._result(index, attempt, sandbox, outcome)
         finally:
             self.in_hand -= 1

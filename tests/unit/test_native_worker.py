@@ -91,3 +91,25 @@ def test_reserved_sandboxes_are_ready_with_their_tmp_and_taken_before_new_ones(t
     assert pool.take() == first and list(first.iterdir()) == [first / "tmp"]  # emptied, tmp/ kept
     pool.reserve(2)  # enough made already: nothing new
     assert len(list((tmp_path / "tasks").iterdir())) == 3
+
+
+def test_an_unexpected_error_in_the_worker_fails_the_attempt_and_frees_the_slot(tmp_path, executor, monkeypatch,
+                                                                                caplog):
+    async def broken_run(run):
+        raise RuntimeError("a bug")
+
+    async def main():
+        worker = _WorkerCE(tmp_path, executor)
+        half = NativeWorker(worker)
+        half._inputs_ready = asyncio.ensure_future(asyncio.sleep(0, result=tmp_path / "inputs"))
+        monkeypatch.setattr(executor, "run", broken_run)
+        await half._free_slots.acquire()
+        await half._run_one(_take_one(half, 4))
+        return half
+
+    half = asyncio.run(main())
+    [result] = half._results
+    assert result["ok"] is False and "RuntimeError('a bug')" in result["error"]
+    assert half.in_hand == 0 and half._free_slots._value == 2
+    assert (tmp_path / "tasks" / "slot-1").is_dir() and half.sandboxes.take().name == "slot-1"  # given back
+    assert "the worker failed" in caplog.text
