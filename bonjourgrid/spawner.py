@@ -56,6 +56,31 @@ class Capture:
             self.truncated = True
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A `run` request, checked when it arrives: one that waits in a queue cannot fail later."""
+
+    id: int
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    timeout: float | None
+    cap: int
+    grace: float
+    queue: tuple[str, int] | None  # (name, slots)
+
+    @classmethod
+    def parse(cls, req: dict[str, Any]) -> _Run:
+        """Raises ValueError, TypeError, KeyError or IndexError on a malformed request."""
+        argv, env, queue, timeout = req["argv"], req["env"], req.get("queue"), req.get("timeout")
+        if not isinstance(argv, list) or not argv or not isinstance(env, dict):
+            raise ValueError("argv must be a non-empty list and env an object")
+        return cls(int(req["id"]), [str(a) for a in argv], str(req["cwd"]),
+                   {str(k): str(v) for k, v in env.items()}, None if timeout is None else float(timeout),
+                   int(req.get("cap", 1 << 20)), float(req.get("grace", 2.0)),
+                   None if queue is None else (str(queue[0]), int(queue[1])))
+
+
 @dataclass
 class _Task:
     id: int
@@ -118,20 +143,18 @@ class Spawner:
         except BrokenPipeError:  # the worker is gone: nobody to tell
             self.stdin_open = False
 
-    def submit(self, req: dict[str, Any]) -> None:
+    def submit(self, run: _Run) -> None:
         """Start the request now, or queue it behind its queue's running tasks."""
-        queue = req.get("queue")
-        if queue is None:
-            self.start(req)
+        if run.queue is None:
+            self.start(run)
             return
-        name, slots = str(queue[0]), int(queue[1])
-        self.waiting.setdefault(name, deque()).append(req)
-        self._fill(name, slots)
+        self.waiting.setdefault(run.queue[0], deque()).append(run)
+        self._fill(*run.queue)
 
     def _fill(self, name: str, slots: int) -> None:
         waiting = self.waiting.get(name)
         while waiting and self.running_in.get(name, 0) < slots:
-            self.start(waiting.popleft(), name)
+            self.start(waiting.popleft())
         if not waiting:
             self.waiting.pop(name, None)
 
@@ -140,25 +163,25 @@ class Spawner:
             self.running_in[t.queue] -= 1
             waiting = self.waiting.get(t.queue)
             if waiting:
-                self._fill(t.queue, int(waiting[0]["queue"][1]))
+                head = waiting[0].queue
+                assert head is not None  # only queued runs wait
+                self._fill(t.queue, head[1])
 
-    def start(self, req: dict[str, Any], queue: str | None = None) -> None:
-        tid = int(req["id"])
-        argv = [str(a) for a in req["argv"]]
-        now = time.time()
+    def start(self, run: _Run) -> None:
+        argv, now = run.argv, time.time()
         try:
-            proc = subprocess.Popen(argv, cwd=req["cwd"], env=req["env"], stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, cwd=run.cwd, env=run.env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError:
-            return self._failed(tid, f"no such program: {argv[0]!r} (PATH={req['env'].get('PATH', '')})", now)
+            return self._failed(run.id, f"no such program: {argv[0]!r} (PATH={run.env.get('PATH', '')})", now)
         except PermissionError:
-            return self._failed(tid, f"program is not executable: {argv[0]!r}", now)
+            return self._failed(run.id, f"program is not executable: {argv[0]!r}", now)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
-            return self._failed(tid, f"could not start {argv[0]!r}: {e}", now)
-        timeout = req.get("timeout")
-        t = _Task(tid, proc, int(req.get("cap", 1 << 20)), float(req.get("grace", 2.0)), now,
-                  None if timeout is None else time.monotonic() + float(timeout), queue=queue)
-        self.tasks[tid] = t
+            return self._failed(run.id, f"could not start {argv[0]!r}: {e}", now)
+        queue = None if run.queue is None else run.queue[0]
+        t = _Task(run.id, proc, run.cap, run.grace, now,
+                  None if run.timeout is None else time.monotonic() + run.timeout, queue=queue)
+        self.tasks[run.id] = t
         if queue is not None:
             self.running_in[queue] = self.running_in.get(queue, 0) + 1
         assert proc.stdout is not None and proc.stderr is not None
@@ -173,9 +196,9 @@ class Spawner:
     def stop(self, tid: int, *, cancel: bool) -> None:
         """Timeout or cancel: SIGTERM the group now, SIGKILL it after the grace. A queued task never starts."""
         for name, waiting in self.waiting.items():
-            for req in waiting:
-                if int(req["id"]) == tid:
-                    waiting.remove(req)
+            for run in waiting:
+                if run.id == tid:
+                    waiting.remove(run)
                     now = time.time()
                     self.send(_reply(tid, None, Capture(0), Capture(0), now, now, cancelled=True))
                     if not waiting:
@@ -258,14 +281,19 @@ class Spawner:
         self.inbuf += data
         *lines, self.inbuf = self.inbuf.split(b"\n")
         for line in lines:
+            req: Any = None
             try:
                 req = json.loads(line)
                 if req["op"] == "run":
-                    self.submit(req)
+                    self.submit(_Run.parse(req))
                 elif req["op"] == "cancel":
                     self.stop(int(req["id"]), cancel=True)
-            except (ValueError, KeyError, TypeError, IndexError) as e:
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                 print(f"bonjourgrid spawner: dropped a bad request: {e!r}", file=sys.stderr, flush=True)
+                with contextlib.suppress(Exception):  # its task fails, rather than wait for a reply forever
+                    if req["op"] == "run":
+                        self._failed(int(req["id"]), f"the task spawner could not read the request: {e!r}",
+                                     time.time())
 
     def run(self, stdin_fd: int) -> None:
         self.sel.register(stdin_fd, selectors.EVENT_READ, "stdin")

@@ -477,10 +477,17 @@ def test_a_garbled_request_is_dropped_and_the_spawner_goes_on(tmp_path: Path) ->
                          stderr=subprocess.PIPE)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
     bad_queue = json.dumps({"op": "run", "id": 2, "argv": ["true"], "cwd": str(tmp_path), "env": {}, "queue": []})
-    p.stdin.write(f"not json\n{{}}\n{bad_queue}\n{req}\n".encode())
+    no_argv = json.dumps({"op": "run", "id": 3, "cwd": str(tmp_path), "env": {}, "queue": ["q", 1]})
+    p.stdin.write(f"not json\n{{}}\n{bad_queue}\n{no_argv}\n{req}\n".encode())
     p.stdin.flush()
-    reply = json.loads(p.stdout.readline())  # stdin stays open: closing it would kill the task
+    replies = {}
+    while 1 not in replies:  # stdin stays open: closing it would kill the task
+        reply = json.loads(p.stdout.readline())
+        replies[reply["id"]] = reply
     p.stdin.close()
     assert p.wait(20) == 0
-    assert reply["id"] == 1 and reply["exit_code"] == 0 and reply["stdout"] == "b2sK"  # base64 of "ok\n"
+    assert replies[1]["exit_code"] == 0 and replies[1]["stdout"] == "b2sK"  # base64 of "ok\n"
+    # A bad request with an id gets a failed reply: its task fails instead of waiting forever.
+    for bad in (2, 3):
+        assert "could not read the request" in replies[bad]["error"]
     assert b"dropped a bad request" in p.stderr.read()
