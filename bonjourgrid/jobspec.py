@@ -16,16 +16,18 @@ import copy
 import difflib
 import gc
 import itertools
+import json
 import math
 import re
 import shlex
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .announcement import CAP_RE
+from .envelope import MAX_MESSAGE_BYTES
 from .units import parse_size
 
 MAX_TASKS = 1_000_000
@@ -137,10 +139,7 @@ class JobSpec:
         return {
             "version": WIRE_VERSION,
             "name": self.name,
-            "tasks": [
-                {"index": t.index, "argv": list(t.argv), "env": dict(t.env), "params": dict(t.params)}
-                for t in self.tasks
-            ],
+            "tasks": [_task_wire(t) for t in self.tasks],
             "inputs": [{"source": str(f.source), "dest": f.dest} for f in self.inputs],
             "outputs": list(self.outputs),
             "cpus": self.cpus,
@@ -825,7 +824,7 @@ def parse_job(doc: Mapping[str, Any], base_dir: Path, origin: str = "<job>") -> 
     with _no_gc():
         tasks = _expand(groups, env)
     assert name is not None and backend is not None and retries is not None and runtime is not None
-    return JobSpec(
+    return _fits_a_message(JobSpec(
         name=name,
         tasks=tasks,
         inputs=inputs,
@@ -843,7 +842,32 @@ def parse_job(doc: Mapping[str, Any], base_dir: Path, origin: str = "<job>") -> 
         workers_max=workers_max,
         replicas=replicas,
         backend_options=backend_options,
-    )
+    ), origin)
+
+
+# A job travels whole, in one message, to its coordinator (the submit request) and to its replicas
+# (the journal's first change): what does not fit must be a clear error here, not a connection
+# the node resets. The margin is for the envelope and the changes a replica batch adds.
+MAX_JOB_BYTES = MAX_MESSAGE_BYTES - (512 << 10)
+
+
+def _fits_a_message(spec: JobSpec, origin: str) -> JobSpec:
+    """The job's wire size, counted task by task: a sweep far too big is refused without encoding it all."""
+    size = base = len(json.dumps(replace(spec, tasks=()).to_dict()))
+    for n, t in enumerate(spec.tasks, 1):
+        size += len(json.dumps(_task_wire(t))) + 2
+        if size > MAX_JOB_BYTES:
+            per_task = (size - base) / n
+            total = size + per_task * (len(spec.tasks) - n)
+            raise JobFileError(origin, [
+                f"{len(spec.tasks)} tasks make {total / 2**20:.2f} MiB to send to the coordinator, more than "
+                f"the {MAX_JOB_BYTES / 2**20:.2f} MiB one job can hold (about {int(MAX_JOB_BYTES / per_task)} "
+                f"tasks like these): split the sweep into several jobs"])
+    return spec
+
+
+def _task_wire(t: TaskSpec) -> dict[str, Any]:
+    return {"index": t.index, "argv": list(t.argv), "env": dict(t.env), "params": dict(t.params)}
 
 
 def load_job(path: Path | str) -> JobSpec:

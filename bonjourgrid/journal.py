@@ -830,13 +830,24 @@ class Journal:
         self._conn.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))
         self._ep = epoch
 
-    def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
-        """Changes with seq > ``seq``, oldest first, at most ``limit`` of them."""
+    def changes_since(self, seq: int, limit: int = 1000, max_bytes: int | None = None) -> list[Change]:
+        """Changes with seq > ``seq``, oldest first, at most ``limit`` of them.
+
+        With ``max_bytes``, no more than their payloads' size adds up to (but always the first):
+        a batch must fit in one bus message, and a big job's first change nearly fills one alone.
+        """
         with self._mutex:
             rows = self._conn.execute(
                 "SELECT seq, epoch, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             ).fetchall()
-            return [Change(s, e, json.loads(p)) for s, e, p in rows]
+        if max_bytes is not None:
+            total = 0
+            for n, (_, _, payload) in enumerate(rows):
+                total += len(payload)
+                if total > max_bytes and n > 0:
+                    rows = rows[:n]
+                    break
+        return [Change(s, e, json.loads(p)) for s, e, p in rows]
 
     def apply(self, changes: Iterable[Change]) -> int:
         """Replica side: apply shipped changes in one transaction; returns how many were new.

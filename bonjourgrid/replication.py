@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from .bus import BusError
 from .datasrv import DataError, fetch
+from .envelope import MAX_MESSAGE_BYTES
 from .gridkey import GridKey
 from .journal import Change, Journal, JournalError
 from .sandbox import safe_join
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonjourgrid.replication")
 
 BATCH = 500
+# Of change payloads per message. A big job's first change nearly fills a message alone (jobspec's
+# MAX_JOB_BYTES), so it goes alone, and a replica named late, which gets the whole history, gets it
+# in batches that fit.
+BATCH_BYTES = MAX_MESSAGE_BYTES // 2
 RESEND_S = 2.0
 # At most one batch per replica this often while the job runs (its end goes at once): a batch per
 # task or two would cost the coordinator, the broker and the replica a message each.
@@ -106,7 +111,7 @@ class ReplicationSender:
                 if done >= last or (in_flight and now - in_flight[1] < RESEND_S):
                     continue
                 try:
-                    changes = await asyncio.to_thread(journal.changes_since, done, BATCH)
+                    changes = await asyncio.to_thread(journal.changes_since, done, BATCH, BATCH_BYTES)
                     if not changes or self.ce.journal is None:
                         continue
                     await self.ce.send(node, "rep", {"changes": [c.to_dict() for c in changes],
@@ -117,7 +122,7 @@ class ReplicationSender:
                     log.debug("CE %s: replication to %s deferred: %s", self.ce.ce, node[:8], e)
                     continue
                 self.sent[node] = (changes[-1].seq, now)
-                self._last_sent, self._backlog = now, len(changes) == BATCH  # a catch-up goes unpaced
+                self._last_sent, self._backlog = now, changes[-1].seq < last  # a catch-up goes unpaced
 
 
 class ReplicaStore:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import sys
 import textwrap
 import time
@@ -440,3 +441,27 @@ def test_results_stream_into_the_results_directory_while_the_job_runs(grid, tmp_
     for i in range(8):
         assert (res / str(i) / "stdout").read_text() == f"out-{i}\n"
         assert json.loads((res / str(i) / "result.json").read_text())["exit_code"] == 0
+
+
+def test_a_job_that_nearly_fills_a_message_reaches_its_replica_and_a_bigger_one_is_refused(grid, tmp_path):
+    """A job travels whole to its coordinator and, as the journal's first change, to its replicas."""
+    g = grid(3)
+    nodes = g.start_all()
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+    pad = "x" * 1800  # 4,000 tasks of this: 7.1 MiB sent, near the 7.5 MiB a job can hold
+    code, summary, stderr = submit(nodes[0], "--tasks", "4000", "--results", str(tmp_path / "r"), "--",
+                                   "true", pad + "{i}")
+    assert code == 0 and summary["tasks_done"] == 4000, stderr
+    job = summary["job"]
+    copies = [n.state_dir / "ces" / job / "journal.db" for n in nodes[1:]]
+    copies = [c for c in copies if c.is_file()]
+    assert copies, "no worker held a replica of the journal"
+    for copy in copies:  # the first batch had to be the job's change alone, to fit in one message
+        db = sqlite3.connect(copy)
+        try:
+            assert db.execute("SELECT count(*) FROM tasks WHERE state='done'").fetchone() == (4000,)
+        finally:
+            db.close()
+    r = nodes[0].cli("submit", "--json", "--tasks", "5000", "--", "true", pad + "{i}")
+    assert r.returncode == 2
+    assert "5000 tasks make" in r.stderr and "split the sweep into several jobs" in r.stderr

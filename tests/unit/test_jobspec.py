@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -652,10 +653,12 @@ def test_short_form_errors() -> None:
         sweep_job(["sim"], 1, retry=3)
 
 
-def test_a_million_tasks_is_allowed_and_compact() -> None:
-    job = sweep_job(["sim", "--seed", "{i}"], 1_000_000)
-    assert len(job.tasks) == 1_000_000
-    assert job.tasks[-1] == TaskSpec(999_999, ("sim", "--seed", "999999"), {}, {})
+def test_ninety_thousand_tasks_are_allowed_and_a_million_too_big_to_send() -> None:
+    job = sweep_job(["sim", "--seed", "{i}"], 90_000)
+    assert len(job.tasks) == 90_000
+    assert job.tasks[-1] == TaskSpec(89_999, ("sim", "--seed", "89999"), {}, {})
+    with pytest.raises(JobFileError, match=r"1000000 tasks make 7\d\.\d\d MiB .* split the sweep"):
+        sweep_job(["sim", "--seed", "{i}"], 1_000_000)
 
 
 def test_parse_job_accepts_a_plain_dict(tmp_path: Path) -> None:
@@ -663,3 +666,15 @@ def test_parse_job_accepts_a_plain_dict(tmp_path: Path) -> None:
     assert job.tasks == (TaskSpec(0, ("true",), {}, {}),)
     with pytest.raises(JobFileError, match=r"^<job>: "):
         parse_job({"task": [{"argv": ["true"]}], "retries": "x"}, tmp_path)
+
+
+def test_a_job_too_big_for_one_message_is_refused_with_what_would_fit():
+    pad = "x" * 1000
+    assert len(sweep_job(["true", pad + "{i}"], 2000).tasks) == 2000  # about 2 MiB: fine
+    with pytest.raises(JobFileError) as e:
+        sweep_job(["true", pad + "{i}"], 9000)
+    message = str(e.value)
+    assert "9000 tasks make" in message and "split the sweep into several jobs" in message
+    fit = int(re.search(r"about (\d+) tasks like these", message).group(1))
+    assert 7000 < fit < 8000
+    assert len(sweep_job(["true", pad + "{i}"], fit - 50).tasks) == fit - 50  # what it says fits, fits

@@ -578,3 +578,17 @@ def test_a_non_durable_batch_commits_and_leaves_later_commits_durable(tmp_path: 
     again = Journal.open(tmp_path / "j.db")
     assert again.task("job", 0).state == "running"
     again.close()
+
+
+def test_changes_since_keeps_a_batch_within_a_byte_budget_but_always_sends_the_first(tmp_path):
+    j = Journal.open(tmp_path / "j.db")
+    j.create_job("big", {"name": "big"}, [{"argv": ["true", "x" * 1000]} for _ in range(50)], submitter="n",
+                 created_at=0.0)
+    for i in range(5):
+        j.mark_running("big", i, "n", 1.0)
+    everything = j.changes_since(0, 100)
+    assert len(everything) == 6
+    assert [c.seq for c in j.changes_since(0, 100, max_bytes=100)] == [1]  # 50 KB: alone, but sent
+    assert [c.seq for c in j.changes_since(1, 100, max_bytes=1 << 20)] == [2, 3, 4, 5, 6]
+    small = len(json.dumps(everything[1].payload))
+    assert len(j.changes_since(1, 100, max_bytes=2 * small + 10)) == 2
