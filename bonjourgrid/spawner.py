@@ -124,7 +124,7 @@ class Spawner:
         self.out = out
         self.inbuf = b""
         self.stdin_open = True
-        self.waiting: dict[str, deque[dict[str, Any]]] = {}  # queue -> requests not started yet
+        self.waiting: dict[str, deque[_Run]] = {}  # queue -> requests not started yet
         self.running_in: dict[str, int] = {}  # queue -> its tasks whose process has not exited
         self.unsent: list[bytes] = []
 
