@@ -216,7 +216,7 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool,
                     node = await _successor(node, job)
                     continue
                 finished = status["tasks_done"] + status["tasks_failed"]
-                bar.update(t, completed=finished, info=(
+                bar.update(t, completed=finished, info=status.get("message") or (
                     f"{status['tasks_running']} running, {status['tasks_failed']} failed, "
                     f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
                 if status["state"] in FINAL_STATES:

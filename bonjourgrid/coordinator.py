@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import backend as backends
 from .broker import BrokerHandle, start_ce_broker
@@ -29,7 +29,7 @@ from .election import supersedes
 from .envelope import Envelope
 from .gridview import NodeRecord
 from .jobspec import JobSpec
-from .journal import FailureOutcome, Journal, OutputFile, ResultRecord
+from .journal import FailureOutcome, Journal, JournalWriteError, OutputFile, ResultRecord
 from .replication import ReplicationSender
 from .retention import SUBMITTED_HERE
 from .sandbox import safe_join
@@ -40,9 +40,12 @@ if TYPE_CHECKING:
     from .node import NodeDaemon
 
 log = logging.getLogger("bonjourgrid.ce")
+_T = TypeVar("_T")
 
 FAILOVER_TIMEOUT_S = 1.0  # workers suspect the coordinator after this long without a heartbeat
 WORKER_TIMEOUT_S = 5.0
+JOURNAL_RETRY_S = 1.0  # a refused journal write (a full disk) at the job's end: try again this often
+JOURNAL_LOG_S = 60.0  # refused journal writes: logged at most this often
 LEASE_S = 30.0
 RECRUIT_EVERY_S = 0.5
 NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
@@ -86,6 +89,9 @@ class CoordinatorCE:
         self.sessions: dict[str, str] = {}
         self.state = "starting"
         self.message = ""
+        self.journal_error: str | None = None  # the last refused write, until one succeeds (a full disk)
+        self._journal_error_logged = -JOURNAL_LOG_S
+        self._journal_recovery_owed = False
         self.started_at = time.time()
         self.first_task_at: float | None = None
         self.last_result_at: float | None = None
@@ -227,7 +233,13 @@ class CoordinatorCE:
             self.state = "finishing"  # final only once torn down: readers then find the journal closed
             self.finished_at = time.time()
             if self.journal:
-                await asyncio.to_thread(self.journal.set_job_state, self.job_id, state, self.finished_at)
+                journal, finished_at = self.journal, self.finished_at
+                while True:  # the end must be on disk before the workers go: wait for space if need be
+                    try:
+                        await self._journal_write(lambda: journal.set_job_state(self.job_id, state, finished_at))
+                        break
+                    except JournalWriteError:
+                        await asyncio.sleep(JOURNAL_RETRY_S)
                 # Once the workers are released nobody would take over: the end, and every result,
                 # must be on a replica's disk before, or a crash now would leave them on ours alone.
                 await self._replicas_caught_up(FINAL_REPLICATION_S)
@@ -354,7 +366,8 @@ class CoordinatorCE:
                 for i in lost:
                     journal.requeue(job_id, i, "its worker never received it (offered before a failover)")
 
-        await asyncio.to_thread(requeue)
+        with contextlib.suppress(JournalWriteError):  # given again all the same: see worker_lost
+            await self._journal_write(requeue)
         for i in lost:
             self.dispatch.requeue(i)
         log.info("CE %s: %d task(s) offered to %s before the failover run again", self.ce, len(lost), node[:8])
@@ -385,7 +398,11 @@ class CoordinatorCE:
         lost = self.dispatch.remove_worker(node)
         self.last_seen.pop(node, None)
         if self.journal and lost:
-            await asyncio.to_thread(self.journal.requeue_node, self.job_id, node, reason)
+            journal = self.journal
+            # If refused, the journal still shows them on the lost node; marking one running on
+            # another node requeues it there first (_mark_running), so they run again all the same.
+            with contextlib.suppress(JournalWriteError):
+                await self._journal_write(lambda: journal.requeue_node(self.job_id, node, reason))
         log.warning("CE %s: worker %s lost (%s); %d task(s) requeued", self.ce, node[:8], reason, len(lost))
         await self._rename_replicas()
         assert self.half is not None
@@ -411,6 +428,8 @@ class CoordinatorCE:
                 silent = [n for n in self.dispatch.workers if now - self.last_seen.get(n, now) > self.worker_timeout_s]
                 for node in silent:
                     await self.worker_lost(node, f"silent for {self.worker_timeout_s:g}s")
+                if self.half and self.dispatch.pending and any(w.waiting for w in self.dispatch.workers.values()):
+                    await self.half.tasks_requeued()  # owed since the journal refused to record them
             except Exception:
                 log.exception("CE %s: heartbeat failed", self.ce)
             await asyncio.sleep(self.failover_timeout_s / 4)
@@ -547,7 +566,11 @@ class CoordinatorCE:
             picked = self.dispatch.take(node, ask)
             if not picked:
                 break
-            got = await self._mark_running(node, picked)
+            try:
+                got = await self._mark_running(node, picked)
+            except JournalWriteError:  # still asked for: given once the journal takes writes again
+                self.dispatch.give_back(node, picked)
+                break
             out += got
             ask = len(picked) - len(got)  # the skipped ones were not given
             if ask == 0:
@@ -575,7 +598,7 @@ class CoordinatorCE:
                     out.append((i, journal.mark_running(job_id, i, node, now)))
             return out, settled
 
-        out, settled = await asyncio.to_thread(mark)
+        out, settled = await self._journal_write(mark)
         for i in settled:  # on the event loop: the dispatch is not shared with threads
             self.dispatch.finish(i)
         return out
@@ -617,7 +640,10 @@ class CoordinatorCE:
                 if ok and item.get("outputs"):
                     await asyncio.to_thread(self._store_outputs, index, attempt, item)
                 prepared.append((index, attempt, ok, record))
-            except (KeyError, ValueError, TypeError, OSError) as e:
+            except OSError as e:  # a full disk, say: not acknowledged, so its worker sends it again
+                log.warning("CE %s: cannot store the outputs of task %s from %s yet: %s", self.ce,
+                            item.get("index"), node[:8], e)
+            except (KeyError, ValueError, TypeError) as e:
                 log.warning("CE %s: dropping a bad result from %s: %s", self.ce, node[:8], e)
         journal, job_id, max_failures = self.journal, self.job_id, self.job.retries + 1
 
@@ -643,7 +669,10 @@ class CoordinatorCE:
                     flush()
             return out
 
-        outcomes = await asyncio.to_thread(record_all)
+        try:
+            outcomes = await self._journal_write(record_all)
+        except JournalWriteError:
+            return []  # nothing recorded, nothing acknowledged: the workers send them again
         self.replication.wake.set()
         requeued = False
         for index, recorded, failure in outcomes:
@@ -667,6 +696,27 @@ class CoordinatorCE:
             await self.half.tasks_requeued()
         await self._check_settled()
         return [[i, a] for i, a, _, _ in prepared]
+
+    async def _journal_write(self, write: Callable[[], _T]) -> _T:
+        """A journal write, off the event loop. One refused (a full disk) is logged once and shown
+        in the job's status until a write succeeds; the caller keeps what it could not record."""
+        try:
+            out = await asyncio.to_thread(write)
+        except JournalWriteError as e:
+            self.journal_error = str(e)
+            now = time.monotonic()
+            if now - self._journal_error_logged >= JOURNAL_LOG_S:  # a nearly full disk takes some writes
+                self._journal_error_logged = now
+                self._journal_recovery_owed = True
+                log.error("CE %s: %s; the job waits, its results kept by the workers, until the journal "
+                          "can be written", self.ce, e)
+            raise
+        if self.journal_error is not None:
+            self.journal_error = None
+            if self._journal_recovery_owed:
+                log.warning("CE %s: the journal can be written again", self.ce)
+                self._journal_recovery_owed = False
+        return out
 
     def _record(self, node: str, item: dict[str, Any]) -> ResultRecord:
         outs = tuple(OutputFile.from_dict(o) for o in item.get("outputs", ()))
@@ -730,7 +780,7 @@ class CoordinatorCE:
             "ce": self.ce,
             "backend": self.job.backend,
             "state": self.state,
-            "message": self.message,
+            "message": self.journal_error or self.message,
             "tasks_total": len(self.job.tasks),
             "tasks_done": done,
             "tasks_failed": failed,

@@ -85,6 +85,10 @@ class InvalidTransitionError(JournalError):
     """The requested task transition is not allowed from the task's current state."""
 
 
+class JournalWriteError(JournalError):
+    """SQLite could not write (a full disk, an I/O error): nothing of the batch was kept; it may work later."""
+
+
 class JournalGapError(JournalError):
     """A replica was given a change whose seq is not ``last_seq() + 1``: some changes are missing."""
 
@@ -459,23 +463,30 @@ class Journal:
             self._depth += 1
             try:
                 yield
-            except BaseException:
+            except BaseException as e:
                 self._depth -= 1
                 if self._depth == 0:
                     self._rollback()
                     self._conn.execute("PRAGMA synchronous=FULL")
+                    if isinstance(e, sqlite3.OperationalError):
+                        raise self._write_error(e) from e
                 raise
             self._depth -= 1
             if self._depth == 0:
                 try:
                     self._conn.execute("COMMIT")
-                except BaseException:  # e.g. disk full or I/O error: nothing of the batch is kept
+                except BaseException as e:  # e.g. disk full or I/O error: nothing of the batch is kept
                     self._rollback()
+                    if isinstance(e, sqlite3.OperationalError):
+                        raise self._write_error(e) from e
                     raise
                 finally:
                     if not durable:
                         self._conn.execute("PRAGMA synchronous=FULL")
                 self.committed_seq = self._last_seq()
+
+    def _write_error(self, e: sqlite3.OperationalError) -> JournalWriteError:
+        return JournalWriteError(f"cannot write the journal {self._path}: {e}")
 
     def _rollback(self) -> None:
         self._seq = self._ep = None

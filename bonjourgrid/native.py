@@ -74,7 +74,8 @@ class NativeCoordinator(CoordinatorHalf):
             n = int(env.body.get("n", 0))
         except (TypeError, ValueError):
             n = 0
-        tasks = await self.ce.assign(node, n) if node in self.ce.dispatch.workers and 0 < n <= 10_000 else []
+        # n = 0 too: tasks owed from an earlier ask (the journal refused them) go with any message
+        tasks = await self.ce.assign(node, n) if node in self.ce.dispatch.workers and 0 <= n <= 10_000 else []
         if (acks or tasks) and not self.ce._done.is_set():
             await self._send_tasks(node, tasks, acks)
 

@@ -152,13 +152,14 @@ class Dispatch:
             return []
         n += w.waiting
         out: list[int] = []
-        others = len(self.workers) > 1
+        others = [o for o in self.workers if o != node]
         for _ in range(len(self.retry)):
             if len(out) == n:
                 break
             i = self.retry.popleft()
-            if others and node in self.tried.get(i, ()):
-                self.retry.append(i)  # leave it for another node
+            tried = self.tried.get(i, ())
+            if node in tried and any(o not in tried for o in others):
+                self.retry.append(i)  # leave it for a node it has not run on; once all have, anyone
             else:
                 out.append(i)
         while len(out) < n and self.fresh:
@@ -170,6 +171,17 @@ class Dispatch:
             w.running.add(i)
         w.waiting = n - len(out)
         return out
+
+    def give_back(self, node: str, picked: list[int]) -> None:
+        """Undo `take` (the journal refused to record them): queued first again, and still owed to `node`.
+
+        `node` stays in their `tried`: that only makes them prefer another node.
+        """
+        for i in reversed(picked):
+            self.finish(i)
+            self._queue_retry(i, first=True)
+        if node in self.workers:
+            self.workers[node].waiting += len(picked)
 
     def claim(self, index: int, node: str) -> None:
         """The middleware (HTCondor, BOINC) placed task `index` on `node` itself: record it as running there."""

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import time
@@ -195,6 +196,26 @@ def test_failing_task_is_retried_then_reported_with_its_stderr(grid, tmp_path):
     assert failed["state"] == "failed" and failed["exit_code"] == 3 and failed["attempts"] == 2
     assert "boom" in (res / "1" / "stderr").read_text()
     assert (res / "0" / "stdout").read_text() == "fine\n"
+
+
+def test_tasks_failing_on_every_worker_use_all_their_retries(grid, tmp_path):
+    """Two workers, four attempts each: the third and fourth run where the task failed before."""
+    g = grid(3)
+    nodes = g.start_all("--cpus", "1")
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+    job = write_job(tmp_path / "job", """
+        name = "broken"
+        retries = 3
+        [sweep]
+        argv = ["sh", "-c", "sleep 0.2; echo boom >&2; exit 3"]
+        count = 4
+    """)
+    res = tmp_path / "res"
+    code, summary, stderr = submit(nodes[0], str(job), "--results", str(res), timeout=120)
+    assert code == 1, stderr
+    assert summary["state"] == "failed" and summary["tasks_failed"] == 4 and summary["workers_used"] == 2
+    for i in range(4):
+        assert json.loads((res / str(i) / "result.json").read_text())["attempts"] == 4
 
 
 def test_bad_job_files_get_clear_errors(grid, tmp_path):
@@ -441,6 +462,39 @@ def test_results_stream_into_the_results_directory_while_the_job_runs(grid, tmp_
     for i in range(8):
         assert (res / str(i) / "stdout").read_text() == f"out-{i}\n"
         assert json.loads((res / str(i) / "result.json").read_text())["exit_code"] == 0
+
+
+def test_a_coordinator_whose_disk_fills_up_says_so_waits_and_loses_no_result(grid, tmp_path):
+    """The coordinator's state dir on a 3 MiB tmpfs; 60 results of 100 kB each cannot fit in its journal."""
+    g = grid(3)
+    state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(state)], check=True)
+    try:
+        nodes = [g.start(h, *(("--cpus", "1") if h.index > 1 else ())) for h in g.testbed.hosts]
+        wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+        res = tmp_path / "res"
+        argv = nodes[0].cli_argv("submit", "--json", "--results", str(res), "--tasks", "60", "--",
+                                 "python3", "-c", "print('{i}' * 100000)")
+        submit_proc = nodes[0].host.spawn(argv, "submit")
+
+        def said_full() -> bool:
+            r = nodes[0].cli("jobs", "--json")
+            return r.returncode == 0 and any("full" in j["message"] for j in json.loads(r.stdout))
+
+        wait_for(said_full, 60, 0.2, "the status saying the journal cannot be written")
+        assert submit_proc.alive()
+        subprocess.run(["mount", "-o", "remount,size=256m", str(state)], check=True)  # space again
+        wait_for(lambda: not submit_proc.alive(), 120, 0.2, "the end of the job")
+        out = submit_proc.output()
+        summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        assert summary["state"] == "done" and summary["tasks_done"] == 60, out[-3000:]
+        for i in range(60):
+            assert (res / f"{i:02d}" / "stdout").read_text() == f"{i}" * 100000 + "\n"
+        assert "cannot write the journal" in nodes[0].proc.output()
+        wait_for(lambda: all_idle(nodes), 30, 0.2, "every node idle again")
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def test_a_job_that_nearly_fills_a_message_reaches_its_replica_and_a_bigger_one_is_refused(grid, tmp_path):

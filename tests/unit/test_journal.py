@@ -23,6 +23,7 @@ from bonjourgrid.journal import (
     JournalDivergenceError,
     JournalGapError,
     JournalLockedError,
+    JournalWriteError,
     OutputFile,
     ResultRecord,
     SchemaVersionError,
@@ -332,6 +333,33 @@ def test_committed_seq_is_readable_while_a_batch_holds_the_lock(journal: Journal
         journal.mark_running("job1", 1, "n1", 1.0)
         raise RuntimeError("rolled back")
     assert journal.committed_seq == journal.last_seq() == 2
+
+
+def test_a_full_database_keeps_nothing_of_the_batch_and_takes_writes_again_later(journal: Journal) -> None:
+    """SQLite's own "database or disk is full" (here its page limit): a clear error, a consistent journal."""
+    make_job(journal, n=40)
+    journal.mark_running_many("job1", list(range(40)), "n1", 2.0)
+    conn = journal._conn  # no public knob: the limit stands in for a full disk
+    conn.execute(f"PRAGMA max_page_count={conn.execute('PRAGMA page_count').fetchone()[0] + 4}")
+    recorded, refused = [], None
+    for i in range(40):
+        try:
+            journal.record_results("job1", [(i, res(stdout=os.urandom(6000)))])
+            recorded.append(i)
+        except JournalWriteError as e:
+            refused = (i, str(e))
+            break
+    assert refused is not None, "the page limit never bit"
+    index, message = refused
+    assert "full" in message and str(journal.path) in message
+    seq = journal.last_seq()
+    assert journal.committed_seq == seq
+    assert journal.task("job1", index).state == "running"  # not recorded: its worker sends it again
+    assert [i for i, _ in journal.results("job1")] == recorded
+    conn.execute("PRAGMA max_page_count=1073741823")  # space again
+    assert journal.record_results("job1", [(index, res(stdout=b"again"))]) == [True]
+    assert journal.last_seq() == seq + 1 and journal.result("job1", index).stdout == b"again"
+    assert [c.seq for c in journal.changes_since(0)] == list(range(1, seq + 2))
 
 
 def test_state_survives_close_and_reopen(tmp_path: Path) -> None:

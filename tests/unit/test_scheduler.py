@@ -50,6 +50,31 @@ def test_dispatch_pull_requeue_and_retry_elsewhere():
     assert d.tried[0] == {"w1", "w2"}
 
 
+def test_a_task_that_failed_on_every_worker_is_retried_by_any_of_them():
+    d = Dispatch([0])
+    d.add_worker("w1", 1)
+    d.add_worker("w2", 1)
+    assert d.take("w1", 1) == [0]
+    d.requeue(0)
+    assert d.take("w1", 1) == []  # w2 has not tried it yet: it waits for w2
+    assert d.take("w2", 1) == [0]
+    d.requeue(0)
+    assert d.take("w1", 0) == [0]  # tried everywhere: the worker still owed a task gets it
+    d.add_worker("w3", 1)
+    d.requeue(0)
+    assert d.take("w2", 1) == [] and d.take("w3", 1) == [0]  # a newcomer is preferred again
+
+
+def test_tasks_given_back_go_first_and_are_still_owed():
+    d = Dispatch(range(4))
+    d.add_worker("w1", 2)
+    assert d.take("w1", 2) == [0, 1]
+    d.give_back("w1", [0, 1])  # the journal refused to mark them running
+    assert d.pending == 4 and not d.running and not d.workers["w1"].running
+    assert d.workers["w1"].waiting == 2
+    assert d.take("w1", 0) == [0, 1]  # the next message from w1, asking nothing new, gets them
+
+
 def test_unmet_requests_add_up_and_are_granted_later():
     d = Dispatch(range(6))
     d.add_worker("w1", 1)
