@@ -147,11 +147,16 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
         stream = _Stream(node, job, dest)
         status, holder = await _follow(node, job, len(spec.tasks), as_json, stream)
         if status["state"] != "cancelled" or status["tasks_done"]:
-            if holder is node:  # our own node: it writes the files straight into dest, the rest of them
-                status = await node.ask("export", {"job": job, "dest": str(dest), "after": stream.mark},
-                                        timeout=600)
-            else:
-                status = await fetch_results(holder, job, dest)
+            try:
+                if holder is node:  # our own node: it writes the files straight into dest, the rest of them
+                    status = await node.ask("export", {"job": job, "dest": str(dest), "after": stream.mark},
+                                            timeout=600)
+                else:
+                    status = await fetch_results(holder, job, dest)
+            except (RequestFailed, NodeUnavailable) as e:
+                _report(status, as_json)
+                err.print(f"[bold red]error:[/] {e}")
+                return 1
         _report(status, as_json)
         return 0 if status["state"] == "done" else 1
     finally:
@@ -275,10 +280,13 @@ async def fetch_results(node: LocalNode, job: str, dest: Path) -> dict[str, Any]
                     f.write(data)
                     offset, eof = offset + len(data), bool(part["eof"])
 
-    await asyncio.gather(*(fetch(rel) for rel, _size in listing["files"]))
-    summary = json.loads((dest / "summary.json").read_text())
-    summary["results_dir"] = str(dest)
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        await asyncio.gather(*(fetch(rel) for rel, _size in listing["files"]))
+        summary = json.loads((dest / "summary.json").read_text())
+        summary["results_dir"] = str(dest)
+        (dest / "summary.json").write_text(json.dumps(summary, indent=2))
+    except OSError as e:  # a full disk here, say: the node still has them
+        raise RequestFailed(f"cannot write the results into {dest}: {e}") from None
     return {**listing["status"], "results_dir": str(dest)}
 
 

@@ -196,15 +196,26 @@ async def export(daemon: NodeDaemon, job: str, dest: Path, after: int = 0, final
     if ce is not None:
         async with ce.journal_lock:
             if ce.journal is not None:  # still coordinating: export what is recorded so far
-                return await asyncio.to_thread(_export, ce.journal, ce.dir, job, dest, status, after, final)
+                return await _write_results(ce.journal, ce.dir, job, dest, status, after, final)
     try:
         journal = await asyncio.to_thread(Journal.open, ces_dir(daemon) / job / "journal.db")
     except JournalError as e:
         raise JobRequestError(f"cannot read the journal of {job}: {e}") from None
     try:
-        return await asyncio.to_thread(_export, journal, ces_dir(daemon) / job, job, dest, status, after, final)
+        return await _write_results(journal, ces_dir(daemon) / job, job, dest, status, after, final)
     finally:
         journal.close()
+
+
+async def _write_results(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[str, Any], after: int,
+                         final: bool) -> dict[str, Any]:
+    """`_export` off the event loop. A results directory that cannot be written (a full disk, not
+    ours) is the user's to fix, and nothing is lost: say so, not "the node did not answer"."""
+    try:
+        return await asyncio.to_thread(_export, journal, ce_dir, job, dest, status, after, final)
+    except OSError as e:
+        raise JobRequestError(f"cannot write the results into {dest}: {e}; they are kept on this node: "
+                              f"`bonjourgrid results {job} --dest DIR` writes them elsewhere") from None
 
 
 def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[str, Any], after: int = 0,

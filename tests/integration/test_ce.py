@@ -497,6 +497,32 @@ def test_a_coordinator_whose_disk_fills_up_says_so_waits_and_loses_no_result(gri
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+def test_a_full_results_directory_is_a_clear_error_and_the_results_can_be_written_elsewhere(grid, tmp_path):
+    g = grid(3)
+    res = tmp_path / "res"
+    res.mkdir()
+    # before the nodes start: each host's mount namespace is a copy taken when its process starts
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(res)], check=True)
+    try:
+        nodes = g.start_all("--cpus", "1")
+        wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+        code, summary, stderr = submit(nodes[0], "--results", str(res), "--tasks", "30", "--",
+                                       "python3", "-c", "print('{i}' * 100000)", timeout=120)
+    finally:
+        subprocess.run(["umount", "-l", str(res)], check=False)
+    assert code == 1 and summary["state"] == "done" and summary["tasks_done"] == 30, (code, summary, stderr)
+    flat = " ".join(stderr.split())
+    assert f"cannot write the results into {res}" in flat and "No space left on device" in flat, stderr
+    assert "Traceback" not in stderr
+    job = summary["job"]
+    assert f"bonjourgrid results {job} --dest DIR" in flat
+    other = tmp_path / "other"
+    r = nodes[0].cli("results", job, "--dest", str(other))
+    assert r.returncode == 0, r.stderr
+    for i in range(30):
+        assert (other / f"{i:02d}" / "stdout").read_text() == f"{i}" * 100000 + "\n"
+
+
 def test_a_job_that_nearly_fills_a_message_reaches_its_replica_and_a_bigger_one_is_refused(grid, tmp_path):
     """A job travels whole to its coordinator and, as the journal's first change, to its replicas."""
     g = grid(3)
