@@ -29,7 +29,7 @@ from .election import supersedes
 from .envelope import Envelope
 from .gridview import NodeRecord
 from .jobspec import JobSpec
-from .journal import FailureOutcome, Journal, JournalWriteError, OutputFile, ResultRecord
+from .journal import FailureOutcome, Journal, JournalError, JournalWriteError, OutputFile, ResultRecord
 from .replication import ReplicationSender
 from .retention import SUBMITTED_HERE
 from .sandbox import safe_join
@@ -230,16 +230,11 @@ class CoordinatorCE:
         async with self._lock:
             if self._done.is_set():
                 return
+            started = self.state != "starting"
             self.state = "finishing"  # final only once torn down: readers then find the journal closed
             self.finished_at = time.time()
             if self.journal:
-                journal, finished_at = self.journal, self.finished_at
-                while True:  # the end must be on disk before the workers go: wait for space if need be
-                    try:
-                        await self._journal_write(lambda: journal.set_job_state(self.job_id, state, finished_at))
-                        break
-                    except JournalWriteError:
-                        await asyncio.sleep(JOURNAL_RETRY_S)
+                await self._record_end(self.journal, state, self.finished_at, started)
                 # Once the workers are released nobody would take over: the end, and every result,
                 # must be on a replica's disk before, or a crash now would leave them on ours alone.
                 await self._replicas_caught_up(FINAL_REPLICATION_S)
@@ -261,6 +256,18 @@ class CoordinatorCE:
             self.state = state
             self._write_summary()
             self._done.set()
+
+    async def _record_end(self, journal: Journal, state: str, at: float, started: bool) -> None:
+        """The end must be on disk before the workers go: wait for space if need be. A CE that
+        never started (its journal may hold no job) tries once: it has nothing to lose."""
+        while True:
+            try:
+                await self._journal_write(lambda: journal.set_job_state(self.job_id, state, at))
+                return
+            except JournalError:
+                if not started:
+                    return
+                await asyncio.sleep(JOURNAL_RETRY_S)
 
     async def servers_stopped(self) -> None:
         """Wait until the broker and data server of a torn-down CE have exited (the node does, before it exits)."""
@@ -796,5 +803,8 @@ class CoordinatorCE:
 
     def _write_summary(self) -> None:
         tmp = self.dir / "status.json.tmp"
-        tmp.write_text(json.dumps(self.status()))
-        os.replace(tmp, self.dir / "status.json")
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            os.replace(tmp, self.dir / "status.json")
+        except OSError as e:  # a full disk: the journal has the end; the job must still end
+            log.error("CE %s: cannot write %s: %s", self.ce, tmp.with_name("status.json"), e)

@@ -60,8 +60,12 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
     try:
         await ce.start()
     except Exception as e:
-        await ce.cancel(f"could not start: {e}")
-        await daemon.feed(ns.EndCoordination(ce.ce))
+        try:
+            await ce.cancel(f"could not start: {e}")
+        except Exception:  # whatever it left behind, the node must not stay a coordinator
+            log.exception("CE %s: cleaning up after a failed start failed", ce.ce)
+        finally:
+            await daemon.feed(ns.EndCoordination(ce.ce))
         raise JobRequestError(f"could not start the computing element: {e}") from e
 
     await _announce(daemon, ce)

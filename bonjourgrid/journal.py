@@ -390,10 +390,12 @@ class Journal:
                 conn.execute(f"PRAGMA {pragma}")
             conn.execute("PRAGMA busy_timeout=5000")
             cls._migrate(conn, path)
-        except BaseException:
+        except BaseException as e:
             if conn is not None:
                 conn.close()
             os.close(lock_fd)
+            if isinstance(e, sqlite3.Error):  # a full disk, a file that is not ours
+                raise JournalError(f"cannot open the journal {path}: {e}") from e
             raise
         return cls(conn, path, lock_fd)
 

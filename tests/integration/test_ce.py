@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -493,6 +494,31 @@ def test_a_coordinator_whose_disk_fills_up_says_so_waits_and_loses_no_result(gri
             assert (res / f"{i:02d}" / "stdout").read_text() == f"{i}" * 100000 + "\n"
         assert "cannot write the journal" in nodes[0].proc.output()
         wait_for(lambda: all_idle(nodes), 30, 0.2, "every node idle again")
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_submit_on_a_full_disk_is_refused_clearly_and_leaves_the_node_idle(grid, tmp_path):
+    g = grid(2)
+    state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)], check=True)
+    try:
+        nodes = g.start_all("--cpus", "1")
+        wait_for(lambda: all_idle(nodes), 30, 0.2, "two idle nodes")
+        filler = state / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):  # until the disk is full
+            while True:
+                f.write(b"\0" * 65536)
+        code, _, stderr = submit(nodes[0], "--tasks", "3", "--", "echo", "{i}", timeout=60)
+        flat = " ".join(stderr.split())
+        assert code == 1 and "could not start the computing element: cannot open the journal" in flat, stderr
+        assert "full" in flat
+        wait_for(lambda: all_idle(nodes), 30, 0.2, "the node idle again")
+        filler.unlink()
+        code, summary, stderr = submit(nodes[0], "--results", str(tmp_path / "res"), "--tasks", "3", "--",
+                                       "echo", "{i}", timeout=60)
+        assert code == 0 and summary["tasks_done"] == 3, stderr
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
 
