@@ -45,7 +45,7 @@ _T = TypeVar("_T")
 FAILOVER_TIMEOUT_S = 1.0  # workers suspect the coordinator after this long without a heartbeat
 WORKER_TIMEOUT_S = 5.0
 JOURNAL_RETRY_S = 1.0  # a refused journal write (a full disk) at the job's end: try again this often
-JOURNAL_LOG_S = 60.0  # refused journal writes: logged at most this often
+STORAGE_LOG_S = 60.0  # refused writes (journal, outputs): logged at most this often
 LEASE_S = 30.0
 RECRUIT_EVERY_S = 0.5
 NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
@@ -89,9 +89,9 @@ class CoordinatorCE:
         self.sessions: dict[str, str] = {}
         self.state = "starting"
         self.message = ""
-        self.journal_error: str | None = None  # the last refused write, until one succeeds (a full disk)
-        self._journal_error_logged = -JOURNAL_LOG_S
-        self._journal_recovery_owed = False
+        self.storage_error: str | None = None  # the last refused write, until one succeeds (a full disk)
+        self._storage_error_logged = -STORAGE_LOG_S
+        self._storage_recovery_owed = False
         self.started_at = time.time()
         self.first_task_at: float | None = None
         self.last_result_at: float | None = None
@@ -264,9 +264,11 @@ class CoordinatorCE:
             try:
                 await self._journal_write(lambda: journal.set_job_state(self.job_id, state, at))
                 return
-            except JournalError:
+            except JournalError as e:
                 if not started:
                     return
+                if not isinstance(e, JournalWriteError):
+                    raise
                 await asyncio.sleep(JOURNAL_RETRY_S)
 
     async def servers_stopped(self) -> None:
@@ -648,8 +650,7 @@ class CoordinatorCE:
                     await asyncio.to_thread(self._store_outputs, index, attempt, item)
                 prepared.append((index, attempt, ok, record))
             except OSError as e:  # a full disk, say: not acknowledged, so its worker sends it again
-                log.warning("CE %s: cannot store the outputs of task %s from %s yet: %s", self.ce,
-                            item.get("index"), node[:8], e)
+                self._storage_refused(f"cannot store the outputs of task {item.get('index')}: {e}")
             except (KeyError, ValueError, TypeError) as e:
                 log.warning("CE %s: dropping a bad result from %s: %s", self.ce, node[:8], e)
         journal, job_id, max_failures = self.journal, self.job_id, self.job.retries + 1
@@ -705,25 +706,29 @@ class CoordinatorCE:
         return [[i, a] for i, a, _, _ in prepared]
 
     async def _journal_write(self, write: Callable[[], _T]) -> _T:
-        """A journal write, off the event loop. One refused (a full disk) is logged once and shown
-        in the job's status until a write succeeds; the caller keeps what it could not record."""
+        """A journal write, off the event loop; the caller keeps what a refused one could not record."""
         try:
             out = await asyncio.to_thread(write)
         except JournalWriteError as e:
-            self.journal_error = str(e)
-            now = time.monotonic()
-            if now - self._journal_error_logged >= JOURNAL_LOG_S:  # a nearly full disk takes some writes
-                self._journal_error_logged = now
-                self._journal_recovery_owed = True
-                log.error("CE %s: %s; the job waits, its results kept by the workers, until the journal "
-                          "can be written", self.ce, e)
+            self._storage_refused(str(e))
             raise
-        if self.journal_error is not None:
-            self.journal_error = None
-            if self._journal_recovery_owed:
+        if self.storage_error is not None:
+            self.storage_error = None
+            if self._storage_recovery_owed:
                 log.warning("CE %s: the journal can be written again", self.ce)
-                self._journal_recovery_owed = False
+                self._storage_recovery_owed = False
         return out
+
+    def _storage_refused(self, problem: str) -> None:
+        """Shown in the job's status until a journal write succeeds; logged at most once a minute
+        (a nearly full disk takes small writes and refuses big ones, and workers resend every 3 s)."""
+        self.storage_error = problem
+        now = time.monotonic()
+        if now - self._storage_error_logged >= STORAGE_LOG_S:
+            self._storage_error_logged = now
+            self._storage_recovery_owed = True
+            log.error("CE %s: %s; the job waits, its results kept by the workers, until it can be written",
+                      self.ce, problem)
 
     def _record(self, node: str, item: dict[str, Any]) -> ResultRecord:
         outs = tuple(OutputFile.from_dict(o) for o in item.get("outputs", ()))
@@ -787,7 +792,7 @@ class CoordinatorCE:
             "ce": self.ce,
             "backend": self.job.backend,
             "state": self.state,
-            "message": self.journal_error or self.message,
+            "message": self.storage_error or self.message,
             "tasks_total": len(self.job.tasks),
             "tasks_done": done,
             "tasks_failed": failed,

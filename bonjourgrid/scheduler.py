@@ -152,13 +152,12 @@ class Dispatch:
             return []
         n += w.waiting
         out: list[int] = []
-        others = [o for o in self.workers if o != node]
         for _ in range(len(self.retry)):
             if len(out) == n:
                 break
             i = self.retry.popleft()
             tried = self.tried.get(i, ())
-            if node in tried and any(o not in tried for o in others):
+            if node in tried and any(o not in tried for o in self.workers):
                 self.retry.append(i)  # leave it for a node it has not run on; once all have, anyone
             else:
                 out.append(i)
