@@ -92,6 +92,7 @@ class CoordinatorCE:
         self.storage_error: str | None = None  # the last refused write, until one succeeds (a full disk)
         self._storage_error_logged = -STORAGE_LOG_S
         self._storage_recovery_owed = False
+        self._owed = False  # tasks given back (the journal refused them) and still owed to their askers
         self.started_at = time.time()
         self.first_task_at: float | None = None
         self.last_result_at: float | None = None
@@ -332,7 +333,12 @@ class CoordinatorCE:
             if node not in self.dispatch.workers and node not in self.recruited:
                 await self.send(node, "release", {"reason": "not a member of this CE"})
         elif env.kind == "rep-ack":
-            self.replication.on_ack(node, int(env.body.get("seq", 0)))
+            refused = env.body.get("refused")
+            if isinstance(refused, str):  # its disk is full, say
+                if self.replication.refused(node, refused[:500]):
+                    await self._rename_replicas()
+            else:
+                self.replication.on_ack(node, int(env.body.get("seq", 0)))
         elif env.kind == "bye" and self.state == "finishing":
             self.dispatch.remove_worker(node)
         elif env.kind in ("bye", "lost"):
@@ -437,8 +443,9 @@ class CoordinatorCE:
                 silent = [n for n in self.dispatch.workers if now - self.last_seen.get(n, now) > self.worker_timeout_s]
                 for node in silent:
                     await self.worker_lost(node, f"silent for {self.worker_timeout_s:g}s")
-                if self.half and self.dispatch.pending and any(w.waiting for w in self.dispatch.workers.values()):
-                    await self.half.tasks_requeued()  # owed since the journal refused to record them
+                if self._owed and self.half:  # tasks the journal refused to mark running: try again
+                    self._owed = False
+                    await self.half.tasks_requeued()
             except Exception:
                 log.exception("CE %s: heartbeat failed", self.ce)
             await asyncio.sleep(self.failover_timeout_s / 4)
@@ -579,6 +586,7 @@ class CoordinatorCE:
                 got = await self._mark_running(node, picked)
             except JournalWriteError:  # still asked for: given once the journal takes writes again
                 self.dispatch.give_back(node, picked)
+                self._owed = True
                 break
             out += got
             ask = len(picked) - len(got)  # the skipped ones were not given

@@ -173,6 +173,10 @@ class DataError(Exception):
     pass
 
 
+class StorageError(DataError):
+    """The file could not be written here (a full disk): not the sender's fault."""
+
+
 def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float = 60.0,
           path: str | None = None) -> None:
     """Download input `sha` (or the file at `path`) to `dest`, checking its sha256 (blocking: call in a thread)."""
@@ -181,10 +185,23 @@ def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float 
     tmp = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
-            while chunk := r.read(CHUNK):
-                h.update(chunk)
-                f.write(chunk)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            try:  # unbuffered: a full disk fails a write, not a later flush; closed by the `with` below
+                f = open(tmp, "wb", buffering=0)  # noqa: SIM115
+            except OSError as e:
+                raise StorageError(f"cannot write {dest}: {e}") from None
+            with f:
+                while chunk := r.read(CHUNK):
+                    h.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        try:
+                            view = view[f.write(view):]
+                        except OSError as e:
+                            raise StorageError(f"cannot write {dest}: {e}") from None
+    except StorageError:
+        tmp.unlink(missing_ok=True)
+        raise
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot fetch input {sha[:12]} from {url}: {e}") from None

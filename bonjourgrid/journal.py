@@ -394,7 +394,9 @@ class Journal:
             if conn is not None:
                 conn.close()
             os.close(lock_fd)
-            if isinstance(e, sqlite3.Error):  # a full disk, a file that is not ours
+            if isinstance(e, sqlite3.OperationalError):  # a full disk, a directory we may not write
+                raise JournalWriteError(f"cannot open the journal {path}: {e}") from e
+            if isinstance(e, sqlite3.Error):  # a file that is not a database
                 raise JournalError(f"cannot open the journal {path}: {e}") from e
             raise
         return cls(conn, path, lock_fd)

@@ -18,6 +18,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -46,10 +47,19 @@ PACE_S = 0.05
 LEFT_MARKER = "left.json"  # in a replica's directory: this node left the CE before its end
 
 
-def choose_replicas(current: list[str], workers: list[str], k: int) -> list[str]:
-    """Keep the live replicas in their rank order, fill up to k from the other workers (join order)."""
-    kept = [r for r in current if r in workers][:k]
-    return kept + [w for w in workers if w not in kept][: k - len(kept)]
+def choose_replicas(current: list[str], workers: list[str], k: int, unfit: Collection[str] = ()) -> list[str]:
+    """Keep the live replicas in their rank order, fill up to k from the other workers (join order).
+
+    A worker that cannot store the journal (`unfit`: its disk is full) protects nothing: it is
+    named only while too few other workers are left.
+    """
+    fit = [w for w in workers if w not in unfit]
+    kept = [r for r in current if r in fit][:k]
+    chosen = kept + [w for w in fit if w not in kept][: k - len(kept)]
+    if len(chosen) < k:  # too few fit workers: better a replica whose disk may clear than none
+        rest = [r for r in current if r in workers and r in unfit]
+        chosen += (rest + [w for w in workers if w in unfit and w not in rest])[: k - len(chosen)]
+    return chosen
 
 
 class ReplicationSender:
@@ -58,6 +68,7 @@ class ReplicationSender:
     def __init__(self, ce: CoordinatorCE) -> None:
         self.ce = ce
         self.replicas: list[str] = []
+        self.unfit: set[str] = set()  # replicas that said they cannot store the journal
         self.acked: dict[str, int] = {}
         self.sent: dict[str, tuple[int, float]] = {}  # replica -> (seq sent up to, when)
         self.wake = asyncio.Event()
@@ -66,7 +77,7 @@ class ReplicationSender:
 
     def rename(self, workers: list[str], k: int) -> bool:
         """Re-rank the replicas; True if the ranking changed (and must be announced)."""
-        new = choose_replicas(self.replicas, workers, k)
+        new = choose_replicas(self.replicas, workers, k, self.unfit)
         if new == self.replicas and all(r in self.acked for r in new):
             return False
         for r in new:
@@ -82,6 +93,18 @@ class ReplicationSender:
         """The job is ending: send what is left at once, and from now on without pacing."""
         self.urgent.set()
         self.wake.set()
+
+    def refused(self, node: str, reason: str) -> bool:
+        """A replica cannot store what it is sent; True if that is news (the replicas must be renamed).
+
+        Its batch is resent as usual, every RESEND_S, while it stays a replica: its disk may clear.
+        """
+        if node not in self.replicas or node in self.unfit:
+            return False
+        self.unfit.add(node)
+        log.warning("CE %s: replica %s cannot store the journal (%s): another worker replaces it if one can",
+                    self.ce.ce, node[:8], reason)
+        return True
 
     def on_ack(self, node: str, seq: int) -> None:
         if node in self.acked:

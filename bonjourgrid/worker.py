@@ -22,8 +22,10 @@ from . import backend as backends
 from . import nodestate as ns
 from . import peers
 from .bus import Bus, BusError, bus_credentials, topic
+from .datasrv import StorageError
 from .election import AskPeers, Election, GiveUp, Hold, Reattach, TakeOver
 from .envelope import Envelope
+from .journal import JournalWriteError
 from .replication import ReplicaStore
 
 if TYPE_CHECKING:
@@ -113,7 +115,7 @@ class WorkerCE:
             shutil.rmtree(self.dir, ignore_errors=True)
             e = self.election
             if e.claimed is None:  # a replica that took over answers as the coordinator instead
-                if not self.ended:
+                if not self.ended or self.node_id not in e.replicas:  # our copy stopped short of the end
                     await asyncio.to_thread(self.replica.abandon, time.time())
                 peers.remember_left(self.daemon, self.ce, peers.LeftCE(
                     e.epoch, e.coordinator, self._released_at or e.last_heartbeat, self.ended))
@@ -264,6 +266,11 @@ class WorkerCE:
     async def _replicate(self, body: dict[str, Any]) -> None:
         try:
             seq = await asyncio.to_thread(self.replica.apply, body, self.data_url)
+        except (JournalWriteError, StorageError, OSError) as e:  # our disk is full, say: not the batch's fault
+            log.warning("CE %s: cannot store replicated changes: %s", self.ce, e)
+            with contextlib.suppress(BusError):  # so that the coordinator names another replica if it can
+                await self.publish("rep-ack", {"refused": str(e)})
+            return
         except Exception as e:  # a bad batch: say nothing, the coordinator resends from our last ack
             log.warning("CE %s: could not apply replicated changes: %s", self.ce, e)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -232,6 +233,44 @@ def test_a_replica_that_runs_out_of_tasks_stays_and_gets_the_end(grid, tmp_path)
     s = replica.cli("status", summary["job"], "--json")
     assert s.returncode == 0, s.stderr
     assert json.loads(s.stdout)["state"] == "done"
+
+
+def test_a_replica_that_cannot_store_the_journal_is_replaced_by_one_that_can(grid, tmp_path):
+    """The first two workers keep copies of CE journals on 1 MiB tmpfs; a worker that joins later has room."""
+    g = grid(4)
+    hosts = g.testbed.hosts
+    small = []
+    for h in hosts[1:3]:
+        ces = tmp_path / f"{h.name}-default-state" / "ces"  # under Grid.start's state dir: replicas' copies
+        ces.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ces)], check=True)
+        small.append(ces)
+    try:
+        nodes = [g.start(h, *FAST) for h in hosts[:3]]
+        wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+        res = tmp_path / "res"
+        submit = nodes[0].host.spawn(nodes[0].cli_argv(
+            "submit", "--json", "--results", str(res), "--tasks", "60", "--",
+            "python3", "-c", "import time; time.sleep(0.3); print('{i}' * 100000)"), "submit")
+        wait_for(lambda: "cannot store the journal" in nodes[0].proc.output(), 60, 0.2, "a replica's full disk")
+        late = g.start(hosts[3], *FAST)
+        wait_for(lambda: not submit.alive(), 120, 0.2, "the end of the job")
+        out = submit.output()
+        summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        assert summary["state"] == "done" and summary["tasks_done"] == 60, out[-3000:]
+        (replica,) = replicas_of(nodes[0], [*nodes, late], 1)  # the last named
+        assert replica is late
+        assert "did not confirm the end" not in nodes[0].proc.output()
+        s = late.cli("status", summary["job"], "--json")  # its copy holds the whole job, the end included
+        assert s.returncode == 0, s.stderr
+        copy = json.loads(s.stdout)
+        assert copy["state"] == "done" and copy["tasks_done"] == 60
+        for node in nodes[1:]:  # a copy that stopped short does not pass for the job's state
+            s = node.cli("status", summary["job"], "--json")
+            assert s.returncode != 0 or json.loads(s.stdout)["state"] == "left", s.stdout
+    finally:
+        for ces in small:
+            subprocess.run(["umount", "-l", str(ces)], check=False)
 
 
 def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_path):

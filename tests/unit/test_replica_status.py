@@ -8,7 +8,7 @@ from pathlib import Path
 from bonjourgrid.gridkey import GridKey
 from bonjourgrid.jobs import _status_from_journal
 from bonjourgrid.journal import Journal
-from bonjourgrid.replication import ReplicaStore
+from bonjourgrid.replication import ReplicaStore, choose_replicas
 
 
 def copy_of_a_running_job(tmp_path: Path, ended: bool = False) -> ReplicaStore:
@@ -65,3 +65,13 @@ def test_a_marker_that_cannot_be_written_is_logged_not_raised(tmp_path: Path) ->
     (store.dir / "left.json").mkdir()
     store.abandon(time.time())
     assert _status_from_journal(store.dir / "journal.db", "job1")["state"] == "running"
+
+
+def test_a_replica_that_cannot_store_the_journal_is_replaced_while_another_worker_can():
+    assert choose_replicas(["w1"], ["w1", "w2", "w3"], 1) == ["w1"]
+    assert choose_replicas(["w1"], ["w1", "w2", "w3"], 1, unfit={"w1"}) == ["w2"]
+    assert choose_replicas(["w1", "w2"], ["w1", "w2", "w3"], 2, unfit={"w1"}) == ["w2", "w3"]
+    # too few others: better a replica that may recover than none
+    assert choose_replicas(["w1"], ["w1"], 1, unfit={"w1"}) == ["w1"]
+    assert choose_replicas(["w2", "w1"], ["w1", "w2", "w3"], 2, unfit={"w1", "w2"}) == ["w3", "w2"]
+    assert choose_replicas([], ["w1", "w2", "w3"], 2, unfit={"w1", "w2"}) == ["w3", "w1"]
