@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import backend as backends
 from .broker import BrokerHandle, start_ce_broker
-from .bus import Bus, bus_credentials, topic
+from .bus import Bus, BusError, bus_credentials, topic
 from .datasrv import DataServer, sha256_file
 from .election import supersedes
 from .envelope import Envelope
@@ -446,6 +446,8 @@ class CoordinatorCE:
                 if self._owed and self.half:  # tasks the journal refused to mark running: try again
                     self._owed = False
                     await self.half.tasks_requeued()
+            except BusError as e:  # the bus said it lost the broker; the replicas may take over
+                log.debug("CE %s: no heartbeat: %s", self.ce, e)
             except Exception:
                 log.exception("CE %s: heartbeat failed", self.ce)
             await asyncio.sleep(self.failover_timeout_s / 4)

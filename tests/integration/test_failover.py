@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +92,26 @@ def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_p
     successor = who_coordinates(nodes[1:])
     assert successor is not None
     results_recorded_once(successor, summary["job"], 200)
+
+
+def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_steps_down(grid, tmp_path):
+    """The coordinator lives, its broker does not (the OOM killer, say): nobody hears it any more."""
+    g = grid(3)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    res = tmp_path / "res"
+    sub = start_job(nodes[0], res, 60, 0.2)
+    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    pid = int(re.findall(r"(?:CE broker: mosquitto|embedded MQTT broker) pid (\d+)", nodes[0].proc.output())[-1])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not sub.alive(), 120, 0.5, "submit to follow the CE and end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, 60)
+    successor = who_coordinates(nodes[1:])
+    assert successor is not None
+    results_recorded_once(successor, summary["job"], 60)
+    assert nodes[0].proc.alive() and "stepping down" in nodes[0].proc.output()
+    wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.2, "every node idle again")
 
 
 def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
