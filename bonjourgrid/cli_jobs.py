@@ -327,16 +327,23 @@ def jobs(key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: Stat
     for col in ("job", "state", "done", "failed", "total", "workers", "seconds"):
         table.add_column(col)
     for j in listed:
-        table.add_row(j["job"], j["state"], str(j["tasks_done"]), str(j["tasks_failed"]), str(j["tasks_total"]),
+        state = f"{j['state']} (copy)" if j.get("replica") and j["state"] not in FINAL_STATES else j["state"]
+        table.add_row(j["job"], state, str(j["tasks_done"]), str(j["tasks_failed"]), str(j["tasks_total"]),
                       str(j["workers_used"]), f"{j['seconds']:.1f}")
     out.print(table)
+    if any(j.get("replica") and j["state"] not in FINAL_STATES for j in listed):
+        out.print("(copy): this node's copy of a job's journal, which the job may have gone on without; "
+                  "`bonjourgrid status JOB` asks the node that holds the job")
 
 
 @app.command()
 def status(job: str, key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show one job's progress."""
-    s = _ask(_node(key_file, grid, state_dir), "job", {"job": job})
+    try:
+        s = asyncio.run(_status(_node(key_file, grid, state_dir), job))
+    except NodeUnavailable as e:
+        raise fail(str(e), 1) from None
     if as_json:
         print(json.dumps(s, indent=2))
         return
@@ -360,10 +367,11 @@ def results(job: str, dest: Annotated[Path | None, typer.Option(help="Default: .
     out.print(f"{s['job']} ({s['state']}): results in {s['results_dir']}")
 
 
-async def _results(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
-    """This node writes them if it coordinates the job or knows its end. A copy the job may have
-    gone on without (it stepped down, left the CE, or holds an unfinished journal from before a
-    restart) is the last resort: the node that holds the job now is asked first."""
+async def _holder(local: LocalNode, job: str) -> tuple[dict[str, Any] | None, LocalNode | None]:
+    """(this node's status of `job`, the node to ask about it): `local` itself if it coordinates the
+    job or knows its end. A copy the job may have gone on without (this node stepped down, left the
+    CE, or holds an unfinished journal from before a restart) is the last resort: the node that
+    holds the job now, found over mDNS, comes first (None if none answers)."""
     try:
         mine: dict[str, Any] | None = await local.ask("job", {"job": job})
     except RequestFailed as e:
@@ -371,9 +379,33 @@ async def _results(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
             raise fail(str(e), 1) from None
         mine = None
     if mine is not None and (mine["state"] in FINAL_STATES or (not mine.get("replica") and mine["state"] != "moved")):
+        return mine, local
+    return mine, await find_job(local.key, local.grid, job)
+
+
+def _nobody_knows(job: str) -> str:
+    return f"no node of the grid knows job {job!r} (see `bonjourgrid jobs` on its submitting node)"
+
+
+async def _status(local: LocalNode, job: str) -> dict[str, Any]:
+    mine, holder = await _holder(local, job)
+    if holder is local:
+        assert mine is not None
+        return mine
+    if holder is not None:
+        with contextlib.suppress(RequestFailed, NodeUnavailable):
+            return await holder.ask("job", {"job": job})
+    if mine is None:
+        raise fail(_nobody_knows(job), 1)
+    return mine  # its message says what kind of copy it is
+
+
+async def _results(local: LocalNode, job: str, dest: Path) -> dict[str, Any]:
+    """This node writes them if it knows the job's state (`_holder`); else the node that does."""
+    mine, holder = await _holder(local, job)
+    if holder is local:
         return await _export_here(local, job, dest)
-    holder = await find_job(local.key, local.grid, job)
-    problem = f"no node of the grid knows job {job!r} (see `bonjourgrid jobs` on its submitting node)"
+    problem = _nobody_knows(job)
     if holder is not None:
         try:
             return await fetch_results(holder, job, dest)

@@ -92,6 +92,14 @@ def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_p
     successor = who_coordinates(nodes[1:])
     assert successor is not None
     results_recorded_once(successor, summary["job"], 200)
+    # the submitting desktop comes back: its user asks there, and is not shown its stale journal
+    back = g.start(nodes[0].host, *FAST)
+    wait_for(lambda: back.cli("nodes", "--json").returncode == 0, 30, 0.2, "the desktop back")  # node.json is old
+    s = back.cli("status", summary["job"], "--json")
+    assert s.returncode == 0, s.stderr
+    assert json.loads(s.stdout)["state"] == "done" and json.loads(s.stdout)["tasks_done"] == 200
+    listed = back.cli("jobs")
+    assert listed.returncode == 0 and "(copy)" in listed.stdout, listed.stdout
 
 
 def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_steps_down(grid, tmp_path):
