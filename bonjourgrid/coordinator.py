@@ -145,8 +145,10 @@ class CoordinatorCE:
                        username=user, password=password, keepalive=2)
         await self.bus.connect()
         await self.bus.subscribe(topic(self.grid, self.ce, "coord"), self._on_coord_message)
+        loop = asyncio.get_running_loop()
         self.data = DataServer(self.key, self.ce, self.dir / "inputs", self.dir / "staging", self.address,
-                               outputs_dir=self.dir / "outputs")
+                               outputs_dir=self.dir / "outputs",
+                               on_storage_error=lambda why: loop.call_soon_threadsafe(self._storage_refused, why))
         self.data.start()
         self.half = backends.load(self.job.backend).coordinator(self)
         self.worker_config = {

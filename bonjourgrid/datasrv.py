@@ -8,6 +8,7 @@ come here: they travel inline with the result message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -19,6 +20,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -56,7 +59,8 @@ class DataServer:
     """Serves `inputs/<sha256>` and accepts `outputs/<index>/<attempt>/<path>` into a staging dir."""
 
     def __init__(self, key: GridKey, ce: str, inputs_dir: Path, staging_dir: Path, host: str,
-                 max_upload: int = 64 << 30, outputs_dir: Path | None = None) -> None:
+                 max_upload: int = 64 << 30, outputs_dir: Path | None = None,
+                 on_storage_error: Callable[[str], None] | None = None) -> None:
         self._key = key.derive("data/" + ce)
         self.inputs_dir = inputs_dir
         self.staging_dir = staging_dir
@@ -84,6 +88,8 @@ class DataServer:
 
             def _reply(self, code: int, text: str = "") -> None:
                 body = text.encode()
+                if code >= 400:  # an upload refused half read: its rest must not pass for a next request
+                    self.close_connection = True
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -118,22 +124,34 @@ class DataServer:
                     dest = safe_join(outer.staging_dir / f"{m[1]}-{m[2]}", urllib.parse.unquote(m[3]))
                 except ValueError as e:
                     return self._reply(400, str(e))
-                dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(dest.name + ".part")
                 h, left = hashlib.sha256(), length
                 try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
                     with open(tmp, "wb") as f:
                         while left:
-                            chunk = self.rfile.read(min(CHUNK, left))
+                            try:
+                                chunk = self.rfile.read(min(CHUNK, left))
+                            except OSError as e:
+                                raise ConnectionError(f"upload cut short: {e}") from None
                             if not chunk:
                                 raise ConnectionError("upload cut short")
+                            left -= len(chunk)
                             h.update(chunk)
                             f.write(chunk)
-                            left -= len(chunk)
-                except (OSError, ConnectionError) as e:
+                except ConnectionError as e:
                     tmp.unlink(missing_ok=True)
                     log.warning("upload of %s failed: %s", self.path, e)
                     return self._reply(500, f"could not store the upload: {e}")
+                except OSError as e:  # our disk is full, say: the worker keeps the file and tries again
+                    tmp.unlink(missing_ok=True)
+                    log.debug("upload of %s refused: %s", self.path, e)
+                    if on_storage_error is not None:
+                        on_storage_error(f"cannot store uploaded outputs: {e}")
+                    with contextlib.suppress(OSError):  # read the rest, or the sender sees a broken pipe, not why
+                        while left and (chunk := self.rfile.read(min(CHUNK, left))):
+                            left -= len(chunk)
+                    return self._reply(HTTPStatus.INSUFFICIENT_STORAGE, f"the coordinator cannot store it: {e}")
                 if h.hexdigest() != want:
                     tmp.unlink(missing_ok=True)
                     return self._reply(422, "sha256 mismatch")
@@ -174,7 +192,8 @@ class DataError(Exception):
 
 
 class StorageError(DataError):
-    """The file could not be written here (a full disk): not the sender's fault."""
+    """The file could not be stored (a full disk; here for a download, at the coordinator for an
+    upload): not the sender's fault, and it may work later."""
 
 
 def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float = 60.0,
@@ -223,5 +242,9 @@ def upload(url: str, key: GridKey, ce: str, index: int, attempt: int, rel: str, 
             })
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 r.read()
+    except urllib.error.HTTPError as e:
+        if e.code == HTTPStatus.INSUFFICIENT_STORAGE:
+            raise StorageError(f"cannot upload {rel} now: {e.read().decode(errors='replace')}") from None
+        raise DataError(f"cannot upload {rel}: {e}") from None
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"cannot upload {rel}: {e}") from None

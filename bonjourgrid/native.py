@@ -26,7 +26,7 @@ from typing import Any
 from .backend import Backend, CoordinatorHalf, WorkerHalf
 from .bus import BusError
 from .coordinator import CoordinatorCE
-from .datasrv import DataError, fetch, upload
+from .datasrv import DataError, StorageError, fetch, upload
 from .envelope import Envelope
 from .execution import Limits, TaskOutcome, TaskRun
 from .sandbox import SandboxPool, safe_join
@@ -301,8 +301,7 @@ class NativeWorker(WorkerHalf):
                     error = f"could not read output {out.path}: {e}"
             else:
                 try:
-                    await asyncio.to_thread(upload, self.worker.data_url or "", self.worker.key, self.worker.ce,
-                                            index, attempt, out.path, path, out.sha256)
+                    await self._upload(index, attempt, out.path, path, out.sha256)
                 except DataError as e:
                     error = str(e)
         return {
@@ -321,6 +320,20 @@ class NativeWorker(WorkerHalf):
             "outputs": [x.to_dict() for x in o.outputs] if o.ok else [],
             "inline": inline,
         }
+
+    async def _upload(self, index: int, attempt: int, rel: str, path: Path, sha: str) -> None:
+        """One output file to the coordinator. If it has no room for it (its disk is full), the task
+        did nothing wrong: keep the file, and its slot, and try again until the CE ends."""
+        warned = False
+        while True:
+            try:
+                return await asyncio.to_thread(upload, self.worker.data_url or "", self.worker.key, self.worker.ce,
+                                               index, attempt, rel, path, sha)
+            except StorageError as e:
+                if not warned:
+                    log.warning("CE %s: task %d: %s; trying again every %gs", self.worker.ce, index, e, RESEND_S)
+                    warned = True
+                await asyncio.sleep(RESEND_S)
 
     async def _send_results_forever(self) -> None:
         """Batch whatever finished since the last send, with the next pull; resend what was never acknowledged."""

@@ -498,6 +498,44 @@ def test_a_coordinator_whose_disk_fills_up_says_so_waits_and_loses_no_result(gri
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+def test_outputs_a_full_coordinator_cannot_store_wait_on_their_workers_and_arrive(grid, tmp_path):
+    """Files too big to travel inline are uploaded; with no room for them, the tasks did nothing wrong."""
+    g = grid(3)
+    state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
+    try:
+        nodes = g.start_all("--cpus", "1")
+        wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+        job = write_job(tmp_path / "job", """
+            name = "big-outputs"
+            outputs = ["out.bin"]
+            [sweep]
+            argv = ["python3", "-c", "open('out.bin', 'wb').write(bytes([{i}]) * 1500000)"]
+            count = 6
+        """)
+        res = tmp_path / "res"
+        submit_proc = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)),
+                                          "submit")
+
+        def said_full() -> bool:
+            r = nodes[0].cli("jobs", "--json")
+            return r.returncode == 0 and any("cannot store uploaded outputs" in j["message"]
+                                             for j in json.loads(r.stdout))
+
+        wait_for(said_full, 60, 0.2, "the status saying the outputs cannot be stored")
+        subprocess.run(["mount", "-o", "remount,size=256m", str(state)], check=True)  # space again
+        wait_for(lambda: not submit_proc.alive(), 120, 0.2, "the end of the job")
+        out = submit_proc.output()
+        summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        assert summary["state"] == "done" and summary["tasks_done"] == 6, out[-3000:]
+        for i in range(6):
+            assert (res / str(i) / "outputs" / "out.bin").read_bytes() == bytes([i]) * 1500000
+            assert json.loads((res / str(i) / "result.json").read_text())["attempts"] == 1
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
 def test_a_submit_on_a_full_disk_is_refused_clearly_and_leaves_the_node_idle(grid, tmp_path):
     g = grid(2)
     state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
