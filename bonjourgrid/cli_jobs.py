@@ -326,12 +326,14 @@ def jobs(key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: Stat
     table = Table(title=f"{len(listed)} job(s)", title_justify="left")
     for col in ("job", "state", "done", "failed", "total", "workers", "seconds"):
         table.add_column(col)
+    copies = 0  # unfinished copies of a journal: the job may have gone on without them
     for j in listed:
-        state = f"{j['state']} (copy)" if j.get("replica") and j["state"] not in FINAL_STATES else j["state"]
-        table.add_row(j["job"], state, str(j["tasks_done"]), str(j["tasks_failed"]), str(j["tasks_total"]),
-                      str(j["workers_used"]), f"{j['seconds']:.1f}")
+        copy = bool(j.get("replica")) and j["state"] not in FINAL_STATES
+        copies += copy
+        table.add_row(j["job"], f"{j['state']} (copy)" if copy else j["state"], str(j["tasks_done"]),
+                      str(j["tasks_failed"]), str(j["tasks_total"]), str(j["workers_used"]), f"{j['seconds']:.1f}")
     out.print(table)
-    if any(j.get("replica") and j["state"] not in FINAL_STATES for j in listed):
+    if copies:
         out.print("(copy): this node's copy of a job's journal, which the job may have gone on without; "
                   "`bonjourgrid status JOB` asks the node that holds the job")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import io
 import logging
 import os
 import re
@@ -196,6 +197,16 @@ class StorageError(DataError):
     upload): not the sender's fault, and it may work later."""
 
 
+def _store(f: io.FileIO, data: bytes, dest: Path) -> None:
+    """All of `data` into a download's unbuffered file: a full disk fails here, as a StorageError."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[f.write(view) or 0:]
+        except OSError as e:
+            raise StorageError(f"cannot write {dest}: {e}") from None
+
+
 def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float = 60.0,
           path: str | None = None) -> None:
     """Download input `sha` (or the file at `path`) to `dest`, checking its sha256 (blocking: call in a thread)."""
@@ -212,12 +223,7 @@ def fetch(url: str, key: GridKey, ce: str, sha: str, dest: Path, timeout: float 
             with f:
                 while chunk := r.read(CHUNK):
                     h.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        try:
-                            view = view[f.write(view):]
-                        except OSError as e:
-                            raise StorageError(f"cannot write {dest}: {e}") from None
+                    _store(f, chunk, dest)
     except StorageError:
         tmp.unlink(missing_ok=True)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,6 +17,28 @@ from bonjourgrid.testbed import Host, Proc, Testbed, bonjourgrid_argv, can_build
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "docker-engine.sh"
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `path`, for full-disk tests. Mount it before the node that must see it
+    starts: each host's mount namespace is a copy taken when its process starts."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def grow(disk: Path) -> None:
+    """Space again on a `small_disk`, while the nodes run."""
+    subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
+
+
+def last_summary(proc: Proc) -> dict:
+    """The summary that `submit --json` printed last, from its combined output."""
+    return json.loads([ln for ln in proc.output().splitlines() if ln.startswith("{")][-1])
 
 
 @pytest.fixture

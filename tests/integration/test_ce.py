@@ -8,13 +8,12 @@ import json
 import os
 import re
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from conftest import GridNode
+from conftest import GridNode, grow, last_summary, small_disk
 
 from bonjourgrid.envelope import Envelope, seal
 from bonjourgrid.gridkey import GridKey
@@ -41,6 +40,12 @@ def submit(node: GridNode, *args: str, timeout: float = 480) -> tuple[int, dict,
 def all_idle(nodes: list[GridNode]) -> bool:
     states = nodes[0].sees()
     return len(states) == len(nodes) and set(states.values()) == {"idle"}
+
+
+def a_job_says(node: GridNode, text: str) -> bool:
+    """`text` is in the status message of a job the node lists."""
+    r = node.cli("jobs", "--json")
+    return r.returncode == 0 and any(text in j["message"] for j in json.loads(r.stdout))
 
 
 def test_200_tasks_with_inputs_and_outputs_on_five_hosts(grid, tmp_path):
@@ -468,43 +473,29 @@ def test_results_stream_into_the_results_directory_while_the_job_runs(grid, tmp_
 def test_a_coordinator_whose_disk_fills_up_says_so_waits_and_loses_no_result(grid, tmp_path):
     """The coordinator's state dir on a 3 MiB tmpfs; 60 results of 100 kB each cannot fit in its journal."""
     g = grid(3)
-    state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(state)], check=True)
-    try:
+    with small_disk(tmp_path / "host1-default-state", "3m") as state:  # where Grid.start puts host1's state
         nodes = [g.start(h, *(("--cpus", "1") if h.index > 1 else ())) for h in g.testbed.hosts]
         wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
         res = tmp_path / "res"
         argv = nodes[0].cli_argv("submit", "--json", "--results", str(res), "--tasks", "60", "--",
                                  "python3", "-c", "print('{i}' * 100000)")
         submit_proc = nodes[0].host.spawn(argv, "submit")
-
-        def said_full() -> bool:
-            r = nodes[0].cli("jobs", "--json")
-            return r.returncode == 0 and any("full" in j["message"] for j in json.loads(r.stdout))
-
-        wait_for(said_full, 60, 0.2, "the status saying the journal cannot be written")
+        wait_for(lambda: a_job_says(nodes[0], "full"), 60, 0.2, "the status saying the journal cannot be written")
         assert submit_proc.alive()
-        subprocess.run(["mount", "-o", "remount,size=256m", str(state)], check=True)  # space again
+        grow(state)
         wait_for(lambda: not submit_proc.alive(), 120, 0.2, "the end of the job")
-        out = submit_proc.output()
-        summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
-        assert summary["state"] == "done" and summary["tasks_done"] == 60, out[-3000:]
+        summary = last_summary(submit_proc)
+        assert summary["state"] == "done" and summary["tasks_done"] == 60, submit_proc.output()[-3000:]
         for i in range(60):
             assert (res / f"{i:02d}" / "stdout").read_text() == f"{i}" * 100000 + "\n"
         assert "cannot write the journal" in nodes[0].proc.output()
         wait_for(lambda: all_idle(nodes), 30, 0.2, "every node idle again")
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def test_outputs_a_full_coordinator_cannot_store_wait_on_their_workers_and_arrive(grid, tmp_path):
     """Files too big to travel inline are uploaded; with no room for them, the tasks did nothing wrong."""
     g = grid(3)
-    state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
-    try:
+    with small_disk(tmp_path / "host1-default-state", "4m") as state:  # where Grid.start puts host1's state
         nodes = g.start_all("--cpus", "1")
         wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
         job = write_job(tmp_path / "job", """
@@ -517,31 +508,20 @@ def test_outputs_a_full_coordinator_cannot_store_wait_on_their_workers_and_arriv
         res = tmp_path / "res"
         submit_proc = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res), str(job)),
                                           "submit")
-
-        def said_full() -> bool:
-            r = nodes[0].cli("jobs", "--json")
-            return r.returncode == 0 and any("cannot store uploaded outputs" in j["message"]
-                                             for j in json.loads(r.stdout))
-
-        wait_for(said_full, 60, 0.2, "the status saying the outputs cannot be stored")
-        subprocess.run(["mount", "-o", "remount,size=256m", str(state)], check=True)  # space again
+        wait_for(lambda: a_job_says(nodes[0], "cannot store uploaded outputs"), 60, 0.2,
+                 "the status saying the outputs cannot be stored")
+        grow(state)
         wait_for(lambda: not submit_proc.alive(), 120, 0.2, "the end of the job")
-        out = submit_proc.output()
-        summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
-        assert summary["state"] == "done" and summary["tasks_done"] == 6, out[-3000:]
+        summary = last_summary(submit_proc)
+        assert summary["state"] == "done" and summary["tasks_done"] == 6, submit_proc.output()[-3000:]
         for i in range(6):
             assert (res / str(i) / "outputs" / "out.bin").read_bytes() == bytes([i]) * 1500000
             assert json.loads((res / str(i) / "result.json").read_text())["attempts"] == 1
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def test_a_submit_on_a_full_disk_is_refused_clearly_and_leaves_the_node_idle(grid, tmp_path):
     g = grid(2)
-    state = tmp_path / "host1-default-state"  # where Grid.start puts host1's state
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)], check=True)
-    try:
+    with small_disk(tmp_path / "host1-default-state", "2m") as state:  # where Grid.start puts host1's state
         nodes = g.start_all("--cpus", "1")
         wait_for(lambda: all_idle(nodes), 30, 0.2, "two idle nodes")
         filler = state / "filler"
@@ -557,23 +537,15 @@ def test_a_submit_on_a_full_disk_is_refused_clearly_and_leaves_the_node_idle(gri
         code, summary, stderr = submit(nodes[0], "--results", str(tmp_path / "res"), "--tasks", "3", "--",
                                        "echo", "{i}", timeout=60)
         assert code == 0 and summary["tasks_done"] == 3, stderr
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def test_a_full_results_directory_is_a_clear_error_and_the_results_can_be_written_elsewhere(grid, tmp_path):
     g = grid(3)
-    res = tmp_path / "res"
-    res.mkdir()
-    # before the nodes start: each host's mount namespace is a copy taken when its process starts
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(res)], check=True)
-    try:
+    with small_disk(tmp_path / "res", "1m") as res:
         nodes = g.start_all("--cpus", "1")
         wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
         code, summary, stderr = submit(nodes[0], "--results", str(res), "--tasks", "30", "--",
                                        "python3", "-c", "print('{i}' * 100000)", timeout=120)
-    finally:
-        subprocess.run(["umount", "-l", str(res)], check=False)
     assert code == 1 and summary["state"] == "done" and summary["tasks_done"] == 30, (code, summary, stderr)
     flat = " ".join(stderr.split())
     assert f"cannot write the results into {res}" in flat and "No space left on device" in flat, stderr

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import GridNode
+from conftest import GridNode, last_summary, small_disk
 
 from bonjourgrid.journal import Journal
-from bonjourgrid.testbed import wait_for
+from bonjourgrid.testbed import Proc, wait_for
 
 FAST = ("--cpus", "1", "--failover-timeout", "1", "--lease", "6")
 
@@ -70,6 +70,17 @@ def replicas_of(coordinator: GridNode, nodes: list[GridNode], k: int) -> list[Gr
     return [next(n for n in nodes if n.host.name == ids[r]) for r in ranked]
 
 
+def ended_on_a_successor(sub: Proc, res: Path, nodes: list[GridNode], n: int) -> tuple[dict, GridNode]:
+    """`submit` followed the CE to the node that took over, and the job ended there with every result once."""
+    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to follow the CE and end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary = check_results(res, n)
+    successor = who_coordinates(nodes)
+    assert successor is not None
+    results_recorded_once(successor, summary["job"], n)
+    return summary, successor
+
+
 def who_coordinates(nodes: list[GridNode]) -> GridNode | None:
     for n in nodes:
         if n.proc.alive() and "took over as coordinator" in n.proc.output():
@@ -85,13 +96,8 @@ def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_p
     sub = start_job(nodes[0], res, 200, 0.1)
     wait_for(lambda: done_count(nodes[0]) >= 30, 60, 0.2, "a part of the job to be done")
     nodes[0].proc.kill()  # the coordinator's node daemon, its broker and everything it started
-    wait_for(lambda: not sub.alive(), 180, 0.5, "submit to follow the CE and end")
-    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    summary, _ = ended_on_a_successor(sub, res, nodes[1:], 200)
     assert "following" in sub.output()
-    summary = check_results(res, 200)
-    successor = who_coordinates(nodes[1:])
-    assert successor is not None
-    results_recorded_once(successor, summary["job"], 200)
     # the submitting desktop comes back: its user asks there, and is not shown its stale journal
     back = g.start(nodes[0].host, *FAST)
     wait_for(lambda: back.cli("nodes", "--json").returncode == 0, 30, 0.2, "the desktop back")  # node.json is old
@@ -112,12 +118,7 @@ def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_ste
     wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
     pid = int(re.findall(r"(?:CE broker: mosquitto|embedded MQTT broker) pid (\d+)", nodes[0].proc.output())[-1])
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not sub.alive(), 120, 0.5, "submit to follow the CE and end")
-    assert sub.popen.returncode == 0, sub.output()[-3000:]
-    summary = check_results(res, 60)
-    successor = who_coordinates(nodes[1:])
-    assert successor is not None
-    results_recorded_once(successor, summary["job"], 60)
+    ended_on_a_successor(sub, res, nodes[1:], 60)
     assert nodes[0].proc.alive() and "stepping down" in nodes[0].proc.output()
     wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.2, "every node idle again")
 
@@ -268,13 +269,9 @@ def test_a_replica_that_cannot_store_the_journal_is_replaced_by_one_that_can(gri
     """The first two workers keep copies of CE journals on 1 MiB tmpfs; a worker that joins later has room."""
     g = grid(4)
     hosts = g.testbed.hosts
-    small = []
-    for h in hosts[1:3]:
-        ces = tmp_path / f"{h.name}-default-state" / "ces"  # under Grid.start's state dir: replicas' copies
-        ces.mkdir(parents=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ces)], check=True)
-        small.append(ces)
-    try:
+    with contextlib.ExitStack() as disks:
+        for h in hosts[1:3]:  # under Grid.start's state dir: where replicas keep their copies
+            disks.enter_context(small_disk(tmp_path / f"{h.name}-default-state" / "ces", "1m"))
         nodes = [g.start(h, *FAST) for h in hosts[:3]]
         wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
         res = tmp_path / "res"
@@ -284,9 +281,8 @@ def test_a_replica_that_cannot_store_the_journal_is_replaced_by_one_that_can(gri
         wait_for(lambda: "cannot store the journal" in nodes[0].proc.output(), 60, 0.2, "a replica's full disk")
         late = g.start(hosts[3], *FAST)
         wait_for(lambda: not submit.alive(), 120, 0.2, "the end of the job")
-        out = submit.output()
-        summary = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
-        assert summary["state"] == "done" and summary["tasks_done"] == 60, out[-3000:]
+        summary = last_summary(submit)
+        assert summary["state"] == "done" and summary["tasks_done"] == 60, submit.output()[-3000:]
         (replica,) = replicas_of(nodes[0], [*nodes, late], 1)  # the last named
         assert replica is late
         assert "did not confirm the end" not in nodes[0].proc.output()
@@ -298,9 +294,6 @@ def test_a_replica_that_cannot_store_the_journal_is_replaced_by_one_that_can(gri
             listed = node.cli("jobs", "--json")
             assert listed.returncode == 0, listed.stderr
             assert all(j["state"] in ("left", "done") for j in json.loads(listed.stdout)), listed.stdout
-    finally:
-        for ces in small:
-            subprocess.run(["umount", "-l", str(ces)], check=False)
 
 
 def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_path):
