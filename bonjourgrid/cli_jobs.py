@@ -93,6 +93,7 @@ def submit(
     if node is None:
         err.print("[dim]no node daemon runs here: starting a temporary one for this job[/]")
         config = node_config(key_file, grid, sd, None, None, None, None, 0, None, OwnerSpec(cpu=100.0))
+        config.run_queue = False  # the jobs queued here wait for the node daemon
     code = asyncio.run(_submit(spec, node, config, results, detach, as_json, broker, key, grid, sd))
     raise typer.Exit(code)
 
@@ -136,13 +137,19 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
         except (RequestFailed, NodeUnavailable) as e:
             err.print(f"[bold red]error:[/] {e}")
             return 1
-        job = str(reply["job"])
+        job, ahead = str(reply["job"]), reply.get("queued")
+        queued = f"queued: {ahead} job{'s' if ahead != 1 else ''} to go before it" if ahead is not None else ""
         if detach:
             if as_json:
-                print(json.dumps({"job": job, "state": "submitted", "tasks_total": len(spec.tasks)}))
+                print(json.dumps({"job": job, "state": "queued" if queued else "submitted",
+                                  "tasks_total": len(spec.tasks)}))
             else:
-                out.print(f"submitted [bold]{job}[/]; follow it with `bonjourgrid status {job}`")
+                out.print(f"submitted [bold]{job}[/]{f' ({queued})' if queued else ''}; "
+                          f"follow it with `bonjourgrid status {job}`")
             return 0
+        if queued:  # on stderr: with --json too
+            err.print(f"[dim]{job} is {queued} on this node; it starts when the job running here ends[/]",
+                      soft_wrap=True)
         dest = (results or Path("results") / job).resolve()
         stream = _Stream(node, job, dest)
         status, holder = await _follow(node, job, len(spec.tasks), as_json, stream)
@@ -226,7 +233,7 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool,
                     f"{status['workers']} workers, {status['tasks_per_second']:.1f} tasks/s"))
                 if status["state"] in FINAL_STATES:
                     return status, node
-                if stream is not None:
+                if stream is not None and status["state"] != "queued":
                     await stream.step(node)
                 if interrupted.is_set():
                     interrupted.clear()
@@ -250,7 +257,8 @@ async def _successor(old: LocalNode, job: str) -> LocalNode:
     deadline = asyncio.get_running_loop().time() + SUCCESSOR_WAIT_S
     while asyncio.get_running_loop().time() < deadline:
         found = await find_job(old.key, old.grid, job)
-        if found is not None and found.node_id != old.node_id:
+        # Another node, or this one's daemon restarted (a new port): a job queued here starts then.
+        if found is not None and (found.node_id, found.port) != (old.node_id, old.port):
             err.print(f"following {job} to its new coordinator {found.node_id[:8]} at {found.host}")
             return found
         await asyncio.sleep(0.5)
@@ -429,6 +437,6 @@ async def _export_here(local: LocalNode, job: str, dest: Path) -> dict[str, Any]
 
 @app.command()
 def cancel(job: str, key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None) -> None:
-    """Cancel a running job: its tasks stop and its workers are released."""
+    """Cancel a running job (its tasks stop, its workers are released) or a queued one (it never starts)."""
     s = _ask(_node(key_file, grid, state_dir), "cancel", {"job": job})
     out.print(f"{s['job']}: {s['state']}")

@@ -28,8 +28,10 @@ from .datasrv import DataServer, sha256_file
 from .election import supersedes
 from .envelope import Envelope
 from .gridview import NodeRecord
+from .jobqueue import STATUS_FILE, stage_inputs
 from .jobspec import JobSpec
 from .journal import FailureOutcome, Journal, JournalError, JournalWriteError, OutputFile, ResultRecord
+from .paths import replace_file
 from .replication import ReplicationSender
 from .retention import SUBMITTED_HERE
 from .sandbox import safe_join
@@ -59,7 +61,8 @@ class CoordinatorCE:
     def __init__(self, daemon: NodeDaemon, job: JobSpec, job_id: str, ce_dir: Path, *,
                  broker_url: str | None = None, lease_s: float = LEASE_S,
                  worker_timeout_s: float = WORKER_TIMEOUT_S, epoch: int = 1, resume: bool = False,
-                 failover_timeout_s: float = FAILOVER_TIMEOUT_S) -> None:
+                 failover_timeout_s: float = FAILOVER_TIMEOUT_S, inputs: list[dict[str, Any]] | None = None) -> None:
+        """`inputs`: the manifest of inputs already staged in `ce_dir` (a job that was queued)."""
         self.daemon = daemon
         self.job = job
         self.job_id = job_id
@@ -81,7 +84,8 @@ class CoordinatorCE:
         self.data: DataServer | None = None
         self.half: backends.CoordinatorHalf | None = None
         self.worker_config: dict[str, Any] = {}
-        self.inputs: list[dict[str, Any]] = []
+        self.inputs: list[dict[str, Any]] = inputs or []
+        self.staged = inputs is not None
         self.workers_seen: set[str] = set()
         self.recruited: dict[str, float] = {}  # node -> when it accepted (until it says hello)
         self.refused: dict[str, float] = {}  # node -> when it refused (back off)
@@ -130,7 +134,8 @@ class CoordinatorCE:
             await asyncio.to_thread(self.journal.create_job, self.job_id, spec, task_specs,
                                     submitter=self.daemon.node_id, created_at=self.started_at)
             (self.dir / SUBMITTED_HERE).write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
-            self.inputs = await asyncio.to_thread(self._stage_inputs)
+            if not self.staged:
+                self.inputs = await asyncio.to_thread(stage_inputs, self.job, self.dir)
         (self.dir / "inputs.json").write_text(json.dumps(self.inputs))
         user, password = bus_credentials(self.key, self.grid, self.ce)
         if self.external_broker:
@@ -205,19 +210,6 @@ class CoordinatorCE:
             elif t.state == "failed":
                 self.counts["failed"] += 1
         self.dispatch.set_pending(pending)
-
-    def _stage_inputs(self) -> list[dict[str, Any]]:
-        """Copy the job's inputs into the CE, named by content, so workers fetch each once."""
-        store = self.dir / "inputs"
-        store.mkdir(exist_ok=True)
-        manifest = []
-        for f in self.job.inputs:
-            sha = sha256_file(f.source)
-            dest = store / sha
-            if not dest.exists():
-                shutil.copyfile(f.source, dest)
-            manifest.append({"dest": f.dest, "sha256": sha, "size": dest.stat().st_size})
-        return manifest
 
     async def wait(self) -> None:
         await self._done.wait()
@@ -819,9 +811,7 @@ class CoordinatorCE:
         }
 
     def _write_summary(self) -> None:
-        tmp = self.dir / "status.json.tmp"
         try:
-            tmp.write_text(json.dumps(self.status()))
-            os.replace(tmp, self.dir / "status.json")
+            replace_file(self.dir / STATUS_FILE, json.dumps(self.status()))
         except OSError as e:  # a full disk: the journal has the end; the job must still end
-            log.error("CE %s: cannot write %s: %s", self.ce, tmp.with_name("status.json"), e)
+            log.error("CE %s: cannot write %s: %s", self.ce, self.dir / STATUS_FILE, e)

@@ -19,8 +19,10 @@ from . import backend as backends
 from . import nodestate as ns
 from .announcement import Role
 from .coordinator import CoordinatorCE
+from .jobqueue import JOURNAL_FILE, STATUS_FILE, QueueError
 from .jobspec import JobFileError, JobSpec
 from .journal import FINISHED_JOB_STATES, Journal, JournalError, ResultRecord
+from .paths import replace_file
 from .replication import LEFT_MARKER
 from .sandbox import safe_join
 
@@ -38,7 +40,11 @@ def ces_dir(daemon: NodeDaemon) -> Path:
     return daemon.config.state_dir / "ces"
 
 
-async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
+async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> dict[str, Any]:
+    """Start the job at once, or queue it while this node coordinates another (`jobqueue`).
+
+    Returns `job`, and `queued`: how many jobs are ahead of it, if it waits.
+    """
     try:
         spec = JobSpec.from_dict(body.get("job") or {}, origin="submitted job")
     except JobFileError as e:
@@ -47,14 +53,48 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> CoordinatorCE:
         backends.load(spec.backend)
     except backends.BackendError as e:
         raise JobRequestError(str(e)) from None
-    state = daemon.machine.state
-    if state.role is Role.COORDINATOR:
-        raise JobRequestError(f"this node already coordinates CE {state.ce}; submit from another node or wait")
     job_id = f"{spec.name[:40]}-{secrets.token_hex(3)}"
-    ce = CoordinatorCE(daemon, spec, job_id, ces_dir(daemon) / job_id,
-                       broker_url=body.get("broker") or daemon.config.broker_url, **_timing(daemon))
-    # Claim the role first, so a second submit arriving meanwhile is refused. A node lent to
-    # another CE leaves it in the same step: its owner's job comes first.
+    broker = body.get("broker") or None
+    async with daemon.jobs_lock:
+        if daemon.machine.state.role is not Role.COORDINATOR and not daemon.queue.jobs:
+            await _start(daemon, spec, job_id, broker)
+            return {"job": job_id}
+        try:
+            await asyncio.to_thread(daemon.queue.add, job_id, spec, broker)
+        except QueueError as e:
+            raise JobRequestError(str(e)) from None
+    log.info("job %s queued behind %s", job_id, _ahead(daemon, job_id))
+    daemon.spawn(start_queued(daemon))  # a no-op while this node coordinates
+    return {"job": job_id, "queued": _ahead(daemon, job_id)}
+
+
+async def start_queued(daemon: NodeDaemon) -> None:
+    """Start queued jobs, first submitted first, until one runs. Called whenever a CE here ends."""
+    async with daemon.jobs_lock:
+        while daemon.machine.state.role is not Role.COORDINATOR and not daemon.stopping:
+            q = daemon.queue.pop()
+            if q is None:
+                return
+            try:
+                await _start(daemon, q.spec, q.job_id, q.broker, q.inputs)
+            except JobRequestError as e:  # its status says why; the next one gets its turn
+                log.error("queued job %s: %s", q.job_id, e)
+            finally:
+                daemon.queue.left(q.job_id)
+
+
+def _ahead(daemon: NodeDaemon, job: str) -> int:
+    """How many jobs start before `job`: the one running here, and those queued before it."""
+    found = daemon.queue.find(job)
+    running = daemon.machine.state.role is Role.COORDINATOR
+    return (found[0] if found else 0) + running
+
+
+async def _start(daemon: NodeDaemon, spec: JobSpec, job_id: str, broker: str | None,
+                 inputs: list[dict[str, Any]] | None = None) -> CoordinatorCE:
+    ce = CoordinatorCE(daemon, spec, job_id, ces_dir(daemon) / job_id, broker_url=broker or daemon.config.broker_url,
+                       inputs=inputs, **_timing(daemon))
+    # Claim the role first. A node lent to another CE leaves it in the same step: its owner's job comes first.
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, preempts=True))
     daemon.ces[job_id] = ce
     try:
@@ -81,6 +121,7 @@ async def _announce(daemon: NodeDaemon, ce: CoordinatorCE) -> None:
 
     async def finished(c: CoordinatorCE) -> None:
         await daemon.feed(ns.EndCoordination(c.ce))
+        daemon.spawn(start_queued(daemon))
 
     ce.on_finish = finished
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, bus=ce.bus_url, data=ce.data.url if ce.data else None))
@@ -130,9 +171,11 @@ def job_status(daemon: NodeDaemon, job: str) -> dict[str, Any]:
         return ce.status()
     if "/" in job or not job:
         raise JobRequestError(f"no job {job!r} on this node (see `bonjourgrid jobs`)")
-    path = ces_dir(daemon) / job / "status.json"
+    path = ces_dir(daemon) / job / STATUS_FILE
     if path.is_file():  # we coordinated it
         return json.loads(path.read_text())
+    if daemon.queue.find(job):
+        return queued_status(daemon, job)
     replica = ces_dir(daemon) / job / "journal.db"
     if replica.is_file() and (daemon.worker is None or daemon.worker.ce != job):  # we were one of its replicas
         try:
@@ -140,6 +183,37 @@ def job_status(daemon: NodeDaemon, job: str) -> dict[str, Any]:
         except (JournalError, OSError) as e:
             raise JobRequestError(f"cannot read the replica of {job}: {e}") from None
     raise JobRequestError(f"no job {job!r} on this node (see `bonjourgrid jobs`)")
+
+
+def queued_status(daemon: NodeDaemon, job: str, state: str = "queued", message: str | None = None) -> dict[str, Any]:
+    """A queued job's status, with the fields of a running one's."""
+    found = daemon.queue.find(job)
+    assert found is not None
+    q, ahead = found[1], _ahead(daemon, job)
+    return {"job": job, "name": q.spec.name, "backend": q.spec.backend, "state": state,
+            "message": message or f"queued on this node: {ahead} job{'s' if ahead != 1 else ''} to go before it",
+            "tasks_total": len(q.spec.tasks), "tasks_done": 0, "tasks_failed": 0, "tasks_running": 0,
+            "tasks_pending": len(q.spec.tasks), "workers": 0, "workers_used": 0,
+            "seconds": round(time.time() - q.submitted_at, 3), "tasks_per_second": 0.0}
+
+
+async def cancel(daemon: NodeDaemon, job: str) -> dict[str, Any]:
+    """Cancel a running job, or take a queued one out of the queue (its final status says so)."""
+    ce = daemon.ces.get(job)
+    if ce is not None and ce.state in ("starting", "running"):
+        await ce.cancel()
+        return {"job": job, "state": ce.state}
+    if daemon.queue.find(job) is None:
+        raise JobRequestError(f"no running or queued job {job!r} on this node")
+    status = queued_status(daemon, job, "cancelled", "cancelled by the user before it started")
+    try:
+        await asyncio.to_thread(replace_file, ces_dir(daemon) / job / STATUS_FILE, json.dumps(status))
+    except OSError as e:
+        raise JobRequestError(f"cannot cancel {job}: {e}") from None
+    daemon.queue.remove(job)
+    daemon.queue.left(job)
+    log.info("job %s cancelled while queued", job)
+    return {"job": job, "state": "cancelled"}
 
 
 def _status_from_journal(path: Path, job: str) -> dict[str, Any]:
@@ -197,6 +271,9 @@ async def export(daemon: NodeDaemon, job: str, dest: Path, after: int = 0, final
     """
     status = job_status(daemon, job)
     ce = daemon.ces.get(job)
+    if ce is None and not (ces_dir(daemon) / job / JOURNAL_FILE).is_file():
+        why = status.get("message") or "it never started"
+        raise JobRequestError(f"{job} has no results: it is {status['state']} ({why})")
     if ce is not None:
         async with ce.journal_lock:
             if ce.journal is not None:  # still coordinating: export what is recorded so far

@@ -33,6 +33,7 @@ from .envelope import BadMessage, Envelope, Opener, seal
 from .execution import Executor
 from .gridkey import GridKey
 from .gridview import GridView, NodeRecord
+from .jobqueue import JobQueue
 from .localnode import NODE_FILE
 from .mdns import Browser, Publisher, open_zeroconf
 from .ownerpolicy import OwnerMonitor, OwnerPolicy
@@ -67,6 +68,7 @@ class NodeConfig:
     lease_s: float = 30.0  # workers of our CEs go back to Idle after this long without us
     failover_timeout_s: float = 1.0  # our workers suspect us after this long without a heartbeat
     keep_copies_s: float = retention.DEFAULT_KEEP_S  # other jobs' leftovers on our disk (0: keep forever)
+    run_queue: bool = True  # start the jobs queued here; `submit`'s temporary node, there for one job, does not
 
 
 def safe_hostname(name: str) -> str:
@@ -143,6 +145,8 @@ class NodeDaemon:
         self.stopping = False
         self._background: set[asyncio.Task[Any]] = set()
         self.ces: dict[str, CoordinatorCE] = {}  # CEs this node coordinates or coordinated
+        self.queue = JobQueue(jobs.ces_dir(self))  # jobs submitted here, waiting for the CE here to end
+        self.jobs_lock = asyncio.Lock()  # one decision at a time: start a job, or queue it
         self.worker: WorkerCE | None = None
         self._executor: Executor | None = None
         self.left_ces: OrderedDict[str, LeftCE] = OrderedDict()  # how we left recent CEs (for `heard`)
@@ -203,6 +207,9 @@ class NodeDaemon:
                 "node %s (%s) up on %s, control port %d, grid %r, lending %d cpus / %d MiB",
                 self.node_id, cfg.host, ", ".join(cfg.addresses), self.port, cfg.grid, cfg.cpus, cfg.memory_mib,
             )
+            if cfg.run_queue:
+                self.queue.load()
+                self.spawn(jobs.start_queued(self))
             sampler = asyncio.ensure_future(self._sample_forever())
             pruner = asyncio.ensure_future(self._prune_forever())
             tune_gc()
@@ -423,8 +430,7 @@ class NodeDaemon:
         return {"accepted": True, "slots": self.worker.slots}
 
     async def _on_submit(self, req: Envelope) -> dict[str, object]:
-        ce = await jobs.submit(self, req.body)
-        return {"job": ce.job_id}
+        return await jobs.submit(self, req.body)
 
     async def _on_job(self, req: Envelope) -> dict[str, object]:
         """A job's status; with `wait`, not before it ends or that many seconds pass (a long poll).
@@ -439,12 +445,7 @@ class NodeDaemon:
         return jobs.job_status(self, job)
 
     async def _on_cancel(self, req: Envelope) -> dict[str, object]:
-        job = str(req.body.get("job", ""))
-        ce = self.ces.get(job)
-        if ce is None or ce.state not in ("starting", "running"):
-            raise jobs.JobRequestError(f"no running job {job!r} on this node")
-        await ce.cancel()
-        return {"job": job, "state": ce.state}
+        return await jobs.cancel(self, str(req.body.get("job", "")))
 
     async def _on_export(self, req: Envelope) -> dict[str, object]:
         body = req.body

@@ -17,3 +17,14 @@ def default_key_file() -> Path:
 
 def default_state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "bonjourgrid" / "node"
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` in one step: a crash or a full disk leaves the old file or the new, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -157,6 +157,79 @@ def test_a_desktop_lent_to_a_ce_can_still_submit_its_own_job(grid, tmp_path):
     assert "left for a job submitted on this node" in lent.proc.output()
 
 
+def gated(gate: Path, word: str) -> list[str]:
+    """A task that waits for `gate` to exist, then prints `word` and its index: a job held running."""
+    return ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo {word}{{i}}"]
+
+
+def jobs_of(node: GridNode) -> dict[str, dict]:
+    """The jobs `bonjourgrid jobs` lists, by id."""
+    r = node.cli("jobs", "--json")
+    return {j["job"]: j for j in json.loads(r.stdout)} if r.returncode == 0 else {}
+
+
+def detached(node: GridNode, *args: str) -> dict:
+    r = node.cli("submit", "--json", "--detach", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_jobs_submitted_while_the_node_coordinates_wait_in_its_queue_and_run_in_turn(grid, tmp_path):
+    """As from an HTCondor submit machine: a second and third job queue up; one can be cancelled;
+    a queued job runs on its inputs as they were when it was submitted."""
+    g = grid(3)
+    nodes = g.start_all("--cpus", "1")
+    me = nodes[0]
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+    gate = tmp_path / "gate"
+    a = detached(me, "--tasks", "2", "--", *gated(gate, "a"))
+    assert a["state"] == "submitted"
+    data = tmp_path / "data.txt"
+    data.write_text("as submitted\n")
+    b = detached(me, "--tasks", "3", "--input", str(data), "--", "sh", "-c", "cat data.txt; echo b{i}")
+    assert b["state"] == "queued" and b["tasks_total"] == 3
+    data.write_text("changed after the submit\n")
+    c = detached(me, "--tasks", "2", "--", "sh", "-c", f"touch {tmp_path}/c-ran-{{i}}")
+    assert c["state"] == "queued"
+    waiting = me.host.spawn(me.cli_argv("submit", "--json", "--results", str(tmp_path / "d"), "--tasks", "4",
+                                        "--", "echo", "d{i}"), "submit-d")
+
+    listed = wait_for(lambda: next((js for js in [jobs_of(me)] if len(js) == 4), None), 30, 0.2, "four jobs listed")
+    assert listed[a["job"]]["state"] == "running"
+    assert listed[b["job"]]["state"] == "queued" and "1 job to go" in listed[b["job"]]["message"]
+    assert listed[c["job"]]["state"] == "queued" and "2 jobs to go" in listed[c["job"]]["message"]
+    st = json.loads(me.cli("status", b["job"], "--json").stdout)
+    assert st["state"] == "queued" and st["tasks_pending"] == 3
+    early = me.cli("results", b["job"], "--dest", str(tmp_path / "early"))
+    assert early.returncode != 0 and "no results" in early.stderr and "queued" in early.stderr, early.stderr
+
+    r = me.cli("cancel", c["job"])
+    assert r.returncode == 0 and "cancelled" in r.stdout, r.stderr
+    wait_for(lambda: "is queued: 3 jobs to go before it on this node" in waiting.output(), 30, 0.2,
+             "the waiting submit to say why it waits")
+
+    gate.touch()
+    wait_for(lambda: not waiting.alive(), 120, 0.3, "the job submitted last, waiting, to end")
+    assert waiting.popen.returncode == 0, waiting.output()[-3000:]
+    d = last_summary(waiting)
+    assert d["tasks_done"] == 4
+    assert (tmp_path / "d" / "3" / "stdout").read_text() == "d3\n"
+    for job, n in ((a["job"], 2), (b["job"], 3)):
+        s = json.loads(me.cli("status", job, "--json").stdout)
+        assert s["state"] == "done" and s["tasks_done"] == n, s
+    r = me.cli("results", b["job"], "--dest", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    assert [(tmp_path / "b" / str(i) / "stdout").read_text() for i in range(3)] == \
+        [f"as submitted\nb{i}\n" for i in range(3)]
+    s = json.loads(me.cli("status", c["job"], "--json").stdout)
+    assert s["state"] == "cancelled" and s["tasks_done"] == 0 and "before it started" in s["message"]
+    assert not list(tmp_path.glob("c-ran-*"))
+    # first submitted, first run; the cancelled one never
+    started = re.findall(r"CE (\S+): coordinating job", me.proc.output())
+    assert started == [a["job"], b["job"], d["job"]], started
+    wait_for(lambda: all_idle(nodes), 20, 0.3, "every node back to idle")
+
+
 def test_a_worker_whose_owner_comes_back_gives_its_tasks_back(grid, tmp_path):
     """Owner policy while lent: the node leaves the CE, whose job still ends with every result."""
     g = grid(3)

@@ -108,6 +108,29 @@ def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_p
     assert listed.returncode == 0 and "(copy)" in listed.stdout, listed.stdout
 
 
+def test_a_job_queued_on_a_coordinator_killed_mid_job_runs_when_the_desktop_comes_back(grid, tmp_path):
+    """The running job fails over to a replica; the queued one waits on the desktop's disk and runs
+    when its daemon restarts, and the `submit` waiting for it follows it there."""
+    g = grid(4)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    res_a, res_b = tmp_path / "a", tmp_path / "b"
+    sub_a = start_job(nodes[0], res_a, 200, 0.1)
+    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "the first job to run")
+    sub_b = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res_b), "--tasks", "5",
+                                                  "--", "echo", "b{i}"), "submit-b")
+    wait_for(lambda: "is queued" in sub_b.output(), 30, 0.2, "the second job to be queued")
+    assert done_count(nodes[0]) < 200, "the first job ended too soon for this test"
+    nodes[0].proc.kill()
+    ended_on_a_successor(sub_a, res_a, nodes[1:], 200)
+    assert sub_b.alive()  # still waiting for its job
+    g.start(nodes[0].host, *FAST)
+    wait_for(lambda: not sub_b.alive(), 120, 0.3, "the queued job to run after the restart")
+    assert sub_b.popen.returncode == 0, sub_b.output()[-3000:]
+    assert last_summary(sub_b)["tasks_done"] == 5
+    assert [(res_b / str(i) / "stdout").read_text() for i in range(5)] == [f"b{i}\n" for i in range(5)]
+
+
 def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_steps_down(grid, tmp_path):
     """The coordinator lives, its broker does not (the OOM killer, say): nobody hears it any more."""
     g = grid(3)
