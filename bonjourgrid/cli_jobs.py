@@ -152,7 +152,12 @@ async def _submit(spec: JobSpec, node: LocalNode | None, config: Any, results: P
                       soft_wrap=True)
         dest = (results or Path("results") / job).resolve()
         stream = _Stream(node, job, dest)
-        status, holder = await _follow(node, job, len(spec.tasks), as_json, stream)
+        try:
+            status, holder = await _follow(node, job, len(spec.tasks), as_json, stream)
+        except NodeUnavailable as e:  # nobody to follow: the job is not lost, its node may come back
+            err.print(f"[bold red]error:[/] {e}; `bonjourgrid status {job}` and `bonjourgrid results {job}` "
+                      "find it once a node that holds it answers")
+            return 1
         if status["state"] != "cancelled" or status["tasks_done"]:
             try:
                 if holder is node:  # our own node: it writes the files straight into dest, the rest of them
