@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonjourgrid.worker")
 
 HEARTBEAT_S = 1.0
+REFUSED_LOG_S = 60.0  # a replica's full disk refuses every batch, resent every 2 s: said this often at most
 TICK_S = 0.05
 
 
@@ -62,6 +63,7 @@ class WorkerCE:
         self._released_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._asking: asyncio.Task[None] | None = None
+        self._refused_logged = -REFUSED_LOG_S
 
     # ------------------------------------------------------------ lifecycle --
 
@@ -267,7 +269,11 @@ class WorkerCE:
         try:
             seq = await asyncio.to_thread(self.replica.apply, body, self.data_url)
         except (JournalWriteError, StorageError, OSError) as e:  # our disk is full, say: not the batch's fault
-            log.warning("CE %s: cannot store replicated changes: %s", self.ce, e)
+            now = time.monotonic()
+            if now - self._refused_logged >= REFUSED_LOG_S:
+                self._refused_logged = now
+                log.warning("CE %s: cannot store replicated changes: %s (said again at most every %gs)",
+                            self.ce, e, REFUSED_LOG_S)
             with contextlib.suppress(BusError):  # so that the coordinator names another replica if it can
                 await self.publish("rep-ack", {"refused": str(e)})
             return

@@ -302,6 +302,10 @@ def test_a_replica_that_cannot_store_the_journal_is_replaced_by_one_that_can(gri
             "submit", "--json", "--results", str(res), "--tasks", "60", "--",
             "python3", "-c", "import time; time.sleep(0.3); print('{i}' * 100000)"), "submit")
         wait_for(lambda: "cannot store the journal" in nodes[0].proc.output(), 60, 0.2, "a replica's full disk")
+        # Half the job with full replicas only: they are sent a batch every 2 s, and refuse each
+        wait_for(lambda: done_count(nodes[0]) >= 30, 60, 0.2, "half of the job")
+        for n in nodes[1:]:  # once said, not every 2 s
+            assert n.proc.output().count("cannot store replicated changes") <= 1, n.proc.output()[-3000:]
         late = g.start(hosts[3], *FAST)
         wait_for(lambda: not submit.alive(), 120, 0.2, "the end of the job")
         summary = last_summary(submit)
