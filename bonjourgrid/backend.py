@@ -41,6 +41,10 @@ class CoordinatorHalf:
     async def worker_joined(self, node_id: str, slots: int) -> None:
         """A recruited worker said hello (it is ready for work)."""
 
+    async def worker_back(self, node_id: str, running: set[int]) -> None:
+        """A worker already in the CE said hello again, with the tasks it holds: one side lost the bus
+        for a while, and messages sent meanwhile may be lost (tasks offered to it, say)."""
+
     async def worker_lost(self, node_id: str, requeued: list[int]) -> None:
         """A worker vanished; the CE already put its running tasks back in the queue."""
 
@@ -86,8 +90,12 @@ class WorkerHalf(ABC):
         return []
 
     async def reattached(self) -> None:
-        """The worker follows a new coordinator, or is back on the bus after losing it."""
+        """The worker follows a new coordinator."""
         return None  # nothing to redo unless the backend says so
+
+    async def resumed(self) -> None:
+        """The same coordinator, after one side lost the bus for a while: messages may be lost."""
+        await self.reattached()
 
 
 class Backend(ABC):

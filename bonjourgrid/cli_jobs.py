@@ -259,8 +259,13 @@ SUCCESSOR_WAIT_S = 120.0
 
 
 async def _successor(old: LocalNode, job: str) -> LocalNode:
+    """The node that coordinates `job` now: another one, this one's restarted daemon, or the same
+    daemon once it answers again (a desktop that stalled for a few seconds, under swap, say)."""
     deadline = asyncio.get_running_loop().time() + SUCCESSOR_WAIT_S
     while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(NodeUnavailable, RequestFailed):
+            if (await old.ask("job", {"job": job}, timeout=1.0))["state"] != "moved":
+                return old
         found = await find_job(old.key, old.grid, job)
         # Another node, or this one's daemon restarted (a new port): a job queued here starts then.
         if found is not None and (found.node_id, found.port) != (old.node_id, old.port):

@@ -54,6 +54,7 @@ NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the rea
 REFUSED_BACKOFF_S = 5.0
 FINAL_REPLICATION_S = 5.0  # at most, before the workers (and replicas) are released
 RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
+BUS_RETRY_S = 0.5  # the coordinator lost its broker connection: try again this often
 MEMBERS_LISTED = 32  # workers named in a heartbeat (a replica asks only a few of them anyway)
 
 
@@ -113,6 +114,7 @@ class CoordinatorCE:
         self._first_result_logged = False
         self._last_probe = 0.0
         self._finisher: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
         self.last_beat = time.monotonic()  # last heartbeat that reached the broker (a replica may ask)
 
     # ------------------------------------------------------------ lifecycle --
@@ -150,6 +152,7 @@ class CoordinatorCE:
                        username=user, password=password, keepalive=2)
         await self.bus.connect()
         await self.bus.subscribe(topic(self.grid, self.ce, "coord"), self._on_coord_message)
+        self.bus.on_disconnect = self._bus_lost
         loop = asyncio.get_running_loop()
         self.data = DataServer(self.key, self.ce, self.dir / "inputs", self.dir / "staging", self.address,
                                outputs_dir=self.dir / "outputs",
@@ -317,10 +320,18 @@ class CoordinatorCE:
     async def _on_coord_message(self, _topic: str, env: Envelope) -> None:
         if env.ce != self.ce or (env.epoch is not None and env.epoch > self.epoch):
             return
-        node = env.sender
         if self._done.is_set():
             return
-        self.last_seen[node] = time.monotonic()
+        self.last_seen[env.sender] = time.monotonic()
+        try:
+            await self._handle(env)
+        except BusError as e:
+            # Our answer (tasks, acks) is lost with the bus. Back on it, we ask every worker to say
+            # hello again: it resends its results, and the tasks it lacks run again (`worker_back`).
+            log.debug("CE %s: could not answer a %s from %s: %s", self.ce, env.kind, env.sender[:8], e)
+
+    async def _handle(self, env: Envelope) -> None:
+        node = env.sender
         if env.kind == "hello":
             await self._worker_hello(node, env)
         elif env.kind == "hb":
@@ -344,6 +355,7 @@ class CoordinatorCE:
 
     async def _worker_hello(self, node: str, env: Envelope) -> None:
         slots = int(env.body.get("slots", 1))
+        back = node in self.dispatch.workers  # a member saying hello again, after one side lost the bus
         self.recruited.pop(node, None)
         self.sessions[node] = str(env.body.get("session", ""))
         self.dispatch.add_worker(node, max(1, slots))
@@ -355,13 +367,20 @@ class CoordinatorCE:
         # Tasks our journal gives it but it does not have (their offer died with the old coordinator):
         # once its resent results had time to arrive, whatever is still unaccounted for runs again.
         orphans = {i for i, n in self.dispatch.running.items() if n == node} - reported
-        if orphans and self.resume:
-            self._tasks.append(asyncio.ensure_future(self._requeue_orphans(node, orphans)))
-        self.workers_seen.add(node)
-        log.info("CE %s: worker %s joined with %d slot(s)", self.ce, node[:8], slots)
-        await self._rename_replicas()
         assert self.half is not None
+        if orphans and self.resume:
+            self.requeue_orphans_later(node, orphans)
+        elif back:  # the backend decides: a Condor or BOINC worker does not list what its middleware runs
+            await self.half.worker_back(node, reported)
+        self.workers_seen.add(node)
+        log.info("CE %s: worker %s %s with %d slot(s)", self.ce, node[:8], "is back" if back else "joined", slots)
+        await self._rename_replicas()
         await self.half.worker_joined(node, slots)
+
+    def requeue_orphans_later(self, node: str, orphans: set[int]) -> None:
+        """Tasks given to `node` that it says it does not have run again, unless their results arrive
+        first (a worker resends its results right after its hello)."""
+        self._tasks.append(asyncio.ensure_future(self._requeue_orphans(node, orphans)))
 
     async def _requeue_orphans(self, node: str, orphans: set[int], delay: float = 2.0) -> None:
         await asyncio.sleep(delay)
@@ -373,13 +392,13 @@ class CoordinatorCE:
         def requeue() -> None:
             with journal.batch():
                 for i in lost:
-                    journal.requeue(job_id, i, "its worker never received it (offered before a failover)")
+                    journal.requeue(job_id, i, "its worker never received it (offered as the bus failed)")
 
         with contextlib.suppress(JournalWriteError):  # given again all the same: see worker_lost
             await self._journal_write(requeue)
         for i in lost:
             self.dispatch.requeue(i)
-        log.info("CE %s: %d task(s) offered to %s before the failover run again", self.ce, len(lost), node[:8])
+        log.warning("CE %s: %d task(s) %s never received run again", self.ce, len(lost), node[:8])
         self.replication.wake.set()
         assert self.half is not None
         await self.half.tasks_requeued()
@@ -430,7 +449,14 @@ class CoordinatorCE:
 
     async def _heartbeat_loop(self) -> None:
         assert self.bus is not None
+        last_turn = time.monotonic()
         while True:
+            if time.monotonic() - last_turn > self.worker_timeout_s / 2:
+                # This process was stopped (suspended, swapping): the workers' silence was ours, and
+                # what they sent meanwhile may not be read yet.
+                log.warning("CE %s: the coordinator stalled for %.1fs", self.ce, time.monotonic() - last_turn)
+                self._not_their_silence()
+            last_turn = time.monotonic()
             try:
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("hb", self._membership()), qos=0)
                 now = self.last_beat = time.monotonic()
@@ -445,6 +471,35 @@ class CoordinatorCE:
             except Exception:
                 log.exception("CE %s: heartbeat failed", self.ce)
             await asyncio.sleep(self.failover_timeout_s / 4)
+
+    def _not_their_silence(self) -> None:
+        now = time.monotonic()
+        for node in self.dispatch.workers:
+            self.last_seen[node] = now
+
+    def _bus_lost(self, reason: str) -> None:
+        """Our own broker connection dropped (a stall past its keepalive, say): connect again. With
+        no replica to take over, nobody else would finish the job."""
+        if self.state == "running" and not self.stepped_down and (self._reconnecting is None
+                                                                  or self._reconnecting.done()):
+            self._reconnecting = asyncio.ensure_future(self._reconnect_bus(reason))
+            self._tasks.append(self._reconnecting)
+
+    async def _reconnect_bus(self, reason: str) -> None:
+        assert self.bus is not None
+        lost_at = time.monotonic()
+        while self.state == "running" and not self.stepped_down and not self.bus.connected:
+            await asyncio.sleep(BUS_RETRY_S)
+            try:
+                await self.bus.connect()
+            except BusError as e:
+                log.debug("CE %s: cannot reach the bus again yet: %s", self.ce, e)
+                continue
+            log.warning("CE %s: back on the bus after %.1fs (%s); the workers resend what may be lost",
+                        self.ce, time.monotonic() - lost_at, reason)
+            self._not_their_silence()
+            with contextlib.suppress(BusError):  # lost again: the next disconnect starts over
+                await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("resync", {}))
 
     async def _recruit_loop(self) -> None:
         while not self._done.is_set() and self.state == "running":

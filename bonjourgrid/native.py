@@ -79,6 +79,12 @@ class NativeCoordinator(CoordinatorHalf):
         if (acks or tasks) and not self.ce._done.is_set():
             await self._send_tasks(node, tasks, acks)
 
+    async def worker_back(self, node_id: str, running: set[int]) -> None:
+        """Tasks offered while the bus was failing may never have arrived: those it lacks run again."""
+        given = {i for i, n in self.ce.dispatch.running.items() if n == node_id}
+        if given - running:
+            self.ce.requeue_orphans_later(node_id, given - running)
+
     async def tasks_requeued(self) -> None:
         for node, tasks in (await self.ce.grant_waiting()).items():
             await self._send_tasks(node, tasks)
@@ -200,6 +206,11 @@ class NativeWorker(WorkerHalf):
         for key, result in self.acked.items():
             self.unacked.setdefault(key, result)
         self.acked.clear()
+        await self.resumed()
+
+    async def resumed(self) -> None:
+        """Resend what was not acknowledged now, and ask again for what we asked for: the tasks
+        offered meanwhile may be lost (the coordinator reruns those we do not have)."""
         self._results = list(self.unacked.values())
         self.sent_at.clear()
         self._flush.set()

@@ -141,6 +141,11 @@ class WorkerCE:
         await self.bus.subscribe(topic(self.grid, self.ce, "w", self.node_id), self._on_message)
         await self.bus.subscribe(topic(self.grid, self.ce, "all"), self._on_message)
         await self.bus.connect()
+        await self._hello()
+
+    async def _hello(self) -> None:
+        """Join, or say again what we hold: the coordinator reruns what it gave us and we lack."""
+        assert self.bus is not None
         running = await self.half.running() if self.half is not None else []
         await self.publish("hello", {"slots": self.slots, "session": self.bus.session, "running": running})
 
@@ -203,7 +208,7 @@ class WorkerCE:
             return
         log.warning("CE %s: reconnected to coordinator %s after losing the bus", self.ce, self.coordinator[:8])
         if self.half is not None:
-            await self.half.reattached()
+            await self.half.resumed()
 
     async def follow(self, coordinator: str, epoch: int, bus: str, data: str | None) -> None:
         """Follow a coordinator named directly (this very node, after it took over)."""
@@ -262,6 +267,12 @@ class WorkerCE:
             await self.daemon.feed(ns.Release(self.ce, self.epoch))
         elif env.kind == "rep":
             await self._replicate(env.body)
+        elif env.kind == "resync":  # the coordinator was off the bus: what we sent meanwhile may be lost
+            log.info("CE %s: the coordinator is back on the bus: saying hello again", self.ce)
+            with contextlib.suppress(BusError):
+                await self._hello()
+            if self.half is not None:
+                await self.half.resumed()
         elif self.half is not None:
             await self.half.on_message(env)
 

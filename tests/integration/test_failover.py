@@ -165,6 +165,58 @@ def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     check_results(res, 300)
 
 
+def suspend(proc: Proc, seconds: float) -> None:
+    """SIGSTOP, then SIGCONT: a desktop that froze (swapping, a suspended VM) for that long."""
+    proc.signal(signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        proc.signal(signal.SIGCONT)
+
+
+def sweep(node: GridNode, res: Path, n: int) -> Proc:
+    return node.host.spawn(node.cli_argv("submit", "--json", "--results", str(res), "--tasks", str(n), "--",
+                                         "sh", "-c", "sleep 0.03; echo {i}"), "submit")
+
+
+def all_printed(sub: Proc, res: Path, n: int) -> None:
+    wait_for(lambda: not sub.alive(), 120, 0.3, "submit to end")
+    assert sub.popen.returncode == 0, sub.output()[-3000:]
+    assert last_summary(sub)["tasks_done"] == n
+    width = len(str(n - 1))
+    assert [(res / f"{i:0{width}d}" / "stdout").read_text() for i in range(n)] == [f"{i}\n" for i in range(n)]
+
+
+def test_a_coordinator_frozen_past_its_bus_keepalive_gets_back_on_the_bus_and_finishes_the_job(grid, tmp_path):
+    """One worker, so no replica to take over: the broker drops the frozen coordinator, which must
+    connect again; tasks and acknowledgements it sent as the bus failed are made good."""
+    g = grid(2)
+    nodes = g.start_all("--cpus", "1")  # the default lease (30 s): the worker waits for its coordinator
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    res = tmp_path / "res"
+    sub = sweep(nodes[0], res, 300)
+    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    suspend(nodes[0].proc, 8)  # the broker gives up on it after 1.5 keepalives (3 s)
+    all_printed(sub, res, 300)
+    log = nodes[0].proc.output()
+    assert "back on the bus" in log and "is back with" in log
+    assert not re.search(r"worker \w+ lost", log)  # its own silence was not taken for its worker's
+
+
+def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp_path):
+    g = grid(3)
+    nodes = g.start_all(*FAST)
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    res = tmp_path / "res"
+    sub = sweep(nodes[0], res, 300)
+    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    suspend(nodes[0].proc, 8)
+    all_printed(sub, res, 300)
+    wait_for(lambda: "stepping down" in nodes[0].proc.output(), 30, 0.3, "the thawed coordinator to step down")
+    assert who_coordinates(nodes[1:]) is not None
+    assert "Traceback" not in nodes[0].proc.output()  # what it answered into a lost bus is dropped quietly
+
+
 def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
     g = grid(4)
     nodes = g.start_all(*FAST)
