@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonjourgrid.worker")
 
 HEARTBEAT_S = 1.0
+BUS_RETRY_S = 0.5  # our broker connection dropped (our link went down, say): try again this often
 REFUSED_LOG_S = 60.0  # a replica's full disk refuses every batch, resent every 2 s: said this often at most
 TICK_S = 0.05
 
@@ -64,6 +65,8 @@ class WorkerCE:
         self._task: asyncio.Task[None] | None = None
         self._asking: asyncio.Task[None] | None = None
         self._refused_logged = -REFUSED_LOG_S
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._connect_lock = asyncio.Lock()  # a reconnect and a reattach must not build two buses
 
     # ------------------------------------------------------------ lifecycle --
 
@@ -71,8 +74,9 @@ class WorkerCE:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._asking is not None:
-            self._asking.cancel()
+        for task in (self._asking, self._reconnecting):
+            if task is not None:
+                task.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -103,8 +107,9 @@ class WorkerCE:
         except Exception:
             log.exception("CE %s: the worker failed", self.ce)
         finally:
-            if self._asking is not None:
-                self._asking.cancel()
+            for task in (self._asking, self._reconnecting):
+                if task is not None:
+                    task.cancel()
             if half_task is not None:
                 half_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -129,6 +134,10 @@ class WorkerCE:
 
     async def _connect(self) -> None:
         """(Re)connect to the current coordinator's bus and say hello."""
+        async with self._connect_lock:
+            await self._connect_now()
+
+    async def _connect_now(self) -> None:
         if self.bus is not None:
             with contextlib.suppress(Exception):
                 await self.bus.close()
@@ -141,6 +150,7 @@ class WorkerCE:
         await self.bus.subscribe(topic(self.grid, self.ce, "w", self.node_id), self._on_message)
         await self.bus.subscribe(topic(self.grid, self.ce, "all"), self._on_message)
         await self.bus.connect()
+        self.bus.on_disconnect = self._bus_lost
         await self._hello()
 
     async def _hello(self) -> None:
@@ -176,8 +186,8 @@ class WorkerCE:
             elif isinstance(action, Hold):
                 log.warning("CE %s: coordinator %s silent, not taking over: %s", self.ce, self.coordinator[:8],
                             action.reason)
-                if action.alive and (self.bus is None or not self.bus.connected):
-                    await self._rejoin()
+                if action.alive:
+                    self._bus_lost("the others still hear the coordinator")
             elif isinstance(action, GiveUp):
                 log.warning("CE %s: %s: leaving the CE", self.ce,
                             action.reason or f"no coordinator for {self.lease_s:g}s")
@@ -199,16 +209,29 @@ class WorkerCE:
         await self._act(self.election.peers_answered(ask.epoch, out.answers, out.asked, time.monotonic(),
                                                      out.others_asked, out.others_reached))
 
-    async def _rejoin(self) -> None:
-        """The others still hear our coordinator but our bus connection is gone (our link was down): connect again."""
-        try:
-            await self._connect()
-        except BusError as e:
-            log.warning("CE %s: cannot reach the coordinator's bus again yet: %s", self.ce, e)
-            return
-        log.warning("CE %s: reconnected to coordinator %s after losing the bus", self.ce, self.coordinator[:8])
-        if self.half is not None:
-            await self.half.resumed()
+    def _bus_lost(self, reason: str) -> None:
+        """Connect again on our own: a worker that is not a replica asks nobody, and would otherwise
+        wait out its lease while its coordinator, and its tasks, wait for it."""
+        if (self.bus is None or not self.bus.connected) and not self.released \
+                and (self._reconnecting is None or self._reconnecting.done()):
+            self._reconnecting = asyncio.ensure_future(self._reconnect(reason))
+
+    async def _reconnect(self, reason: str) -> None:
+        lost_at = time.monotonic()
+        while not self.released and not self.election.done and (self.bus is None or not self.bus.connected):
+            await asyncio.sleep(BUS_RETRY_S)
+            try:
+                async with self._connect_lock:
+                    if self.bus is not None and self.bus.connected:
+                        return  # a reattach connected us meanwhile
+                    await self._connect_now()
+            except BusError as e:
+                log.debug("CE %s: cannot reach the coordinator's bus again yet: %s", self.ce, e)
+                continue
+            log.warning("CE %s: back on the bus of coordinator %s after %.1fs (%s)", self.ce, self.coordinator[:8],
+                        time.monotonic() - lost_at, reason)
+            if self.half is not None:
+                await self.half.resumed()
 
     async def follow(self, coordinator: str, epoch: int, bus: str, data: str | None) -> None:
         """Follow a coordinator named directly (this very node, after it took over)."""

@@ -217,6 +217,26 @@ def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp
     assert "Traceback" not in nodes[0].proc.output()  # what it answered into a lost bus is dropped quietly
 
 
+def test_a_worker_whose_link_drops_past_its_keepalive_connects_again_at_once(grid, tmp_path):
+    """A worker that is no replica asks nobody: it must not wait out its 30 s lease while the
+    coordinator, which requeued its tasks, has nobody else to run them."""
+    g = grid(2)
+    nodes = g.start_all("--cpus", "1")
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    res = tmp_path / "res"
+    sub = sweep(nodes[0], res, 300)
+    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    worker = g.testbed.hosts[1]
+    for _ in range(2):  # down 4 s: its broker gives up on it after 3 s
+        worker.link_down()
+        time.sleep(4)
+        worker.link_up()
+        time.sleep(2)
+    all_printed(sub, res, 300)
+    log = nodes[1].proc.output()
+    assert "back on the bus" in log and "no coordinator for" not in log, log[-3000:]
+
+
 def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
     g = grid(4)
     nodes = g.start_all(*FAST)
