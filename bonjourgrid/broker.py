@@ -385,14 +385,18 @@ def _spawn_mosquitto(host: str, port: int, username: str | None = None, password
     return handle
 
 
-async def start_ce_broker(kind: str, host: str, *, username: str, password: str, log_file: Path) -> BrokerHandle:
-    """The broker of one CE: `kind` is one of CE_BROKERS (`auto`: Mosquitto if installed, else amqtt)."""
+async def start_ce_broker(kind: str, host: str, *, username: str, password: str, log_file: Path,
+                          port: int = 0) -> BrokerHandle:
+    """The broker of one CE: `kind` is one of CE_BROKERS (`auto`: Mosquitto if installed, else amqtt).
+
+    `port`: the port of a broker of this CE that died, so that its clients find the new one.
+    """
     if kind not in CE_BROKERS:
         raise BrokerError(f"unknown CE broker {kind!r} (expected one of {', '.join(CE_BROKERS)})")
     if kind == "mosquitto" or (kind == "auto" and mosquitto_problem() is None):
         try:
-            handle = await start_mosquitto_async(host, 0, username=username, password=password, log_file=log_file,
-                                             config_dir=log_file.parent)
+            handle = await start_mosquitto_async(host, port, username=username, password=password,
+                                                 log_file=log_file, config_dir=log_file.parent)
         except BrokerError as e:
             if kind == "mosquitto":
                 raise
@@ -400,7 +404,7 @@ async def start_ce_broker(kind: str, host: str, *, username: str, password: str,
         else:
             log.info("CE broker: mosquitto pid %d listening at %s", handle.pid, handle.url)
             return handle
-    return await start_embedded_broker_async(host, 0, username=username, password=password, log_file=log_file)
+    return await start_embedded_broker_async(host, port, username=username, password=password, log_file=log_file)
 
 
 def _free_port(host: str) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import backend as backends
-from .broker import BrokerHandle, start_ce_broker
+from .broker import BrokerError, BrokerHandle, start_ce_broker
 from .bus import Bus, BusError, bus_credentials, topic
 from .datasrv import DataServer, sha256_file
 from .election import supersedes
@@ -115,6 +115,7 @@ class CoordinatorCE:
         self._last_probe = 0.0
         self._finisher: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._bus_auth: tuple[str, str] = ("", "")  # the CE broker's user and password, derived from the key
         self.last_beat = time.monotonic()  # last heartbeat that reached the broker (a replica may ask)
 
     # ------------------------------------------------------------ lifecycle --
@@ -139,7 +140,7 @@ class CoordinatorCE:
             if not self.staged:
                 self.inputs = await asyncio.to_thread(stage_inputs, self.job, self.dir)
         (self.dir / "inputs.json").write_text(json.dumps(self.inputs))
-        user, password = bus_credentials(self.key, self.grid, self.ce)
+        user, password = self._bus_auth = bus_credentials(self.key, self.grid, self.ce)
         if self.external_broker:
             # An external broker does not know our derived credentials: connect anonymously.
             # Every message is still sealed with the grid key, so nobody else can speak on it.
@@ -494,12 +495,31 @@ class CoordinatorCE:
                 await self.bus.connect()
             except BusError as e:
                 log.debug("CE %s: cannot reach the bus again yet: %s", self.ce, e)
+                await self._restart_dead_broker()
                 continue
             log.warning("CE %s: back on the bus after %.1fs (%s); the workers resend what may be lost",
                         self.ce, time.monotonic() - lost_at, reason)
             self._not_their_silence()
             with contextlib.suppress(BusError):  # lost again: the next disconnect starts over
                 await self.bus.publish(topic(self.grid, self.ce, "all"), self._env("resync", {}))
+
+    async def _restart_dead_broker(self) -> None:
+        """Our broker died (the OOM killer, say). With a replica, the replica takes over, as for any
+        coordinator nobody hears; with none, nobody would: start another on the same port, where
+        every member connects again on its own."""
+        old = self.broker
+        if old is None or old.alive() or self.replication.replicas:
+            return
+        try:
+            self.broker = await start_ce_broker(self.daemon.config.ce_broker, self.address,
+                                                username=self._bus_auth[0], password=self._bus_auth[1],
+                                                log_file=self.dir / "broker.log", port=old.port)
+        except BrokerError as e:
+            log.warning("CE %s: the CE's broker died and cannot be started again yet: %s", self.ce, e)
+            return
+        await asyncio.to_thread(old.stop)  # its temp files
+        log.warning("CE %s: the CE's broker died (exit code %s): started another on port %d", self.ce,
+                    old.proc.returncode, old.port)
 
     async def _recruit_loop(self) -> None:
         while not self._done.is_set() and self.state == "running":

@@ -146,6 +146,22 @@ def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_ste
     wait_for(lambda: set(nodes[0].sees().values()) == {"idle"}, 30, 0.2, "every node idle again")
 
 
+def test_the_ce_broker_killed_in_a_ce_without_a_replica_is_started_again(grid, tmp_path):
+    """One worker, so no replica to take over: the coordinator starts another broker on the same
+    port, and both ends connect to it again on their own."""
+    g = grid(2)
+    nodes = g.start_all("--cpus", "1")
+    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    res = tmp_path / "res"
+    sub = sweep(nodes[0], res, 300)
+    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    pid = int(re.findall(r"(?:CE broker: mosquitto|embedded MQTT broker) pid (\d+)", nodes[0].proc.output())[-1])
+    os.kill(pid, signal.SIGKILL)
+    all_printed(sub, res, 300)
+    assert "started another on port" in nodes[0].proc.output()
+    assert "back on the bus" in nodes[1].proc.output()
+
+
 def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
     g = grid(5)
     nodes = g.start_all(*FAST)
