@@ -19,7 +19,7 @@ from . import backend as backends
 from . import nodestate as ns
 from .announcement import Role
 from .coordinator import CoordinatorCE
-from .jobqueue import JOURNAL_FILE, STATUS_FILE, QueueError
+from .jobqueue import JOURNAL_FILE, STATUS_FILE, QueuedJob, QueueError
 from .jobspec import JobFileError, JobSpec
 from .journal import FINISHED_JOB_STATES, Journal, JournalError, ResultRecord
 from .paths import replace_file
@@ -63,7 +63,7 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> dict[str, Any]:
             await asyncio.to_thread(daemon.queue.add, job_id, spec, broker)
         except QueueError as e:
             raise JobRequestError(str(e)) from None
-    log.info("job %s queued behind %s", job_id, _ahead(daemon, job_id))
+    log.info("job %s queued: %d job(s) to go before it", job_id, _ahead(daemon, job_id))
     daemon.spawn(start_queued(daemon))  # a no-op while this node coordinates
     return {"job": job_id, "queued": _ahead(daemon, job_id)}
 
@@ -79,8 +79,11 @@ async def start_queued(daemon: NodeDaemon) -> None:
                 await _start(daemon, q.spec, q.job_id, q.broker, q.inputs)
             except JobRequestError as e:  # its status says why; the next one gets its turn
                 log.error("queued job %s: %s", q.job_id, e)
-            finally:
-                daemon.queue.left(q.job_id)
+            except Exception as e:  # before its CE existed: nothing else would say why it never ran
+                log.exception("queued job %s could not start", q.job_id)
+                with contextlib.suppress(OSError):
+                    _end_queued(daemon, q, "failed", f"could not start: {e}")
+            daemon.queue.left(q.job_id)
 
 
 def _ahead(daemon: NodeDaemon, job: str) -> int:
@@ -135,7 +138,7 @@ async def take_over(daemon: NodeDaemon, ce_id: str, epoch: int, replicas: tuple[
     """
     ce_dir = ces_dir(daemon) / ce_id
     try:
-        journal = await asyncio.to_thread(Journal.open, ce_dir / "journal.db")
+        journal = await asyncio.to_thread(Journal.open, ce_dir / JOURNAL_FILE)
         try:
             job = CoordinatorCE.job_from_journal(journal, ce_id)
         finally:
@@ -174,9 +177,12 @@ def job_status(daemon: NodeDaemon, job: str) -> dict[str, Any]:
     path = ces_dir(daemon) / job / STATUS_FILE
     if path.is_file():  # we coordinated it
         return json.loads(path.read_text())
-    if daemon.queue.find(job):
-        return queued_status(daemon, job)
-    replica = ces_dir(daemon) / job / "journal.db"
+    found = daemon.queue.find(job)
+    if found:
+        ahead = _ahead(daemon, job)
+        return queued_status(found[1], "queued", f"queued on this node: {ahead} job{'s' if ahead != 1 else ''} "
+                                                 "to go before it")
+    replica = ces_dir(daemon) / job / JOURNAL_FILE
     if replica.is_file() and (daemon.worker is None or daemon.worker.ce != job):  # we were one of its replicas
         try:
             return _status_from_journal(replica, job)
@@ -185,16 +191,17 @@ def job_status(daemon: NodeDaemon, job: str) -> dict[str, Any]:
     raise JobRequestError(f"no job {job!r} on this node (see `bonjourgrid jobs`)")
 
 
-def queued_status(daemon: NodeDaemon, job: str, state: str = "queued", message: str | None = None) -> dict[str, Any]:
-    """A queued job's status, with the fields of a running one's."""
-    found = daemon.queue.find(job)
-    assert found is not None
-    q, ahead = found[1], _ahead(daemon, job)
-    return {"job": job, "name": q.spec.name, "backend": q.spec.backend, "state": state,
-            "message": message or f"queued on this node: {ahead} job{'s' if ahead != 1 else ''} to go before it",
+def queued_status(q: QueuedJob, state: str, message: str) -> dict[str, Any]:
+    """A job's status before it started, with the fields of a running one's."""
+    return {"job": q.job_id, "name": q.spec.name, "backend": q.spec.backend, "state": state, "message": message,
             "tasks_total": len(q.spec.tasks), "tasks_done": 0, "tasks_failed": 0, "tasks_running": 0,
             "tasks_pending": len(q.spec.tasks), "workers": 0, "workers_used": 0,
             "seconds": round(time.time() - q.submitted_at, 3), "tasks_per_second": 0.0}
+
+
+def _end_queued(daemon: NodeDaemon, q: QueuedJob, state: str, message: str) -> None:
+    """Its final status, as a coordinator writes one at the end. Raises OSError (a full disk)."""
+    replace_file(ces_dir(daemon) / q.job_id / STATUS_FILE, json.dumps(queued_status(q, state, message)))
 
 
 async def cancel(daemon: NodeDaemon, job: str) -> dict[str, Any]:
@@ -203,11 +210,11 @@ async def cancel(daemon: NodeDaemon, job: str) -> dict[str, Any]:
     if ce is not None and ce.state in ("starting", "running"):
         await ce.cancel()
         return {"job": job, "state": ce.state}
-    if daemon.queue.find(job) is None:
+    found = daemon.queue.find(job)
+    if found is None:
         raise JobRequestError(f"no running or queued job {job!r} on this node")
-    status = queued_status(daemon, job, "cancelled", "cancelled by the user before it started")
     try:
-        await asyncio.to_thread(replace_file, ces_dir(daemon) / job / STATUS_FILE, json.dumps(status))
+        await asyncio.to_thread(_end_queued, daemon, found[1], "cancelled", "cancelled by the user before it started")
     except OSError as e:
         raise JobRequestError(f"cannot cancel {job}: {e}") from None
     daemon.queue.remove(job)
@@ -279,7 +286,7 @@ async def export(daemon: NodeDaemon, job: str, dest: Path, after: int = 0, final
             if ce.journal is not None:  # still coordinating: export what is recorded so far
                 return await _write_results(ce.journal, ce.dir, job, dest, status, after, final)
     try:
-        journal = await asyncio.to_thread(Journal.open, ces_dir(daemon) / job / "journal.db")
+        journal = await asyncio.to_thread(Journal.open, ces_dir(daemon) / job / JOURNAL_FILE)
     except JournalError as e:
         raise JobRequestError(f"cannot read the journal of {job}: {e}") from None
     try:

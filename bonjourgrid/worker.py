@@ -114,10 +114,11 @@ class WorkerCE:
                 half_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await half_task
-            if self.bus is not None and self.bus.connected:
+            if self.bus is not None:
                 with contextlib.suppress(Exception):
-                    await self.publish("bye", {})
-                    await self.bus.close()
+                    if self.bus.connected:
+                        await self.publish("bye", {})
+                    await self.bus.close()  # connected or not: its handler tasks end with it
             await asyncio.to_thread(self.replica.close)
             shutil.rmtree(self.dir, ignore_errors=True)
             e = self.election
