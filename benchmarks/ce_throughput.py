@@ -135,7 +135,7 @@ def main() -> None:
         try:
             from dask.distributed import Client, LocalCluster
         except ImportError:
-            print("dask is not installed: no Dask rows", file=sys.stderr)
+            print("dask is not installed: no Dask rows (.venv/bin/pip install -e '.[bench]' adds it)", file=sys.stderr)
         else:
             cluster = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                                        dashboard_address=None))
