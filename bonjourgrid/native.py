@@ -131,6 +131,7 @@ class NativeWorker(WorkerHalf):
         self._free_slots = asyncio.Semaphore(worker.slots * (2 if self._queued else 1))
         self.sandboxes = SandboxPool(worker.dir / "tasks")
         self._avg_task_s = 1.0  # pessimistic until measured: start with a shallow buffer
+        self._send_failing = False
 
     async def run(self) -> None:
         cfg = self.worker.config
@@ -368,6 +369,9 @@ class NativeWorker(WorkerHalf):
             try:
                 await self.worker.publish("results", {"items": batch, "n": want})
             except Exception as e:  # the bus is gone: results stay unacked and are resent
-                log.warning("CE %s: could not send %d result(s): %s", self.worker.ce, len(batch), e)
+                (log.debug if self._send_failing else log.warning)(
+                    "CE %s: could not send %d result(s): %s", self.worker.ce, len(batch), e)
+                self._send_failing = True  # said once per outage: every task that ends would say it again
             else:
                 self.outstanding += want
+                self._send_failing = False
