@@ -4,7 +4,8 @@ The network drops, delays, duplicates and reorders messages: heartbeats, claims,
 replicas' asks to their peers and the answers. Coordinators crash (the process only: the host
 still refuses connections) or are switched off (silence), and a node may be cut off for a
 while and come back, maybe with its bus connection gone (it hears no heartbeat until a Hold
-that says the coordinator lives makes it reconnect, as `WorkerCE._rejoin` does). Idle nodes
+that says the coordinator lives makes it reconnect; the real worker also retries on its own every
+0.5 s, `WorkerCE._reconnect`, which can only bring that moment earlier). Idle nodes
 outside the CE answer asks (they only show whether the asker is isolated). The coordinator may
 release workers one by one (the CE shrinks) or end the job (releases everybody). Invariants:
 
