@@ -393,7 +393,7 @@ class CoordinatorCE:
         def requeue() -> None:
             with journal.batch():
                 for i in lost:
-                    journal.requeue(job_id, i, "its worker never received it (the offer was lost with a coordinator or a connection)")
+                    journal.requeue(job_id, i, "its worker never received it (lost with a coordinator or a link)")
 
         with contextlib.suppress(JournalWriteError):  # given again all the same: see worker_lost
             await self._journal_write(requeue)
