@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -336,19 +337,21 @@ def _report(status: dict[str, Any], as_json: bool) -> None:
 @app.command()
 def jobs(key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: StateDirOpt = None,
          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the jobs this node coordinates or coordinated."""
+    """List the jobs this node coordinates, coordinated, holds queued or holds a copy of, oldest first."""
     listed = _ask(_node(key_file, grid, state_dir), "jobs")["jobs"]
     if as_json:
         print(json.dumps(listed, indent=2))
         return
     table = Table(title=f"{len(listed)} job(s)", title_justify="left")
-    for col in ("job", "state", "done", "failed", "total", "workers", "seconds"):
+    for col in ("job", "submitted", "state", "done", "failed", "total", "workers", "seconds"):
         table.add_column(col)
     copies = 0  # unfinished copies of a journal: the job may have gone on without them
     for j in listed:
         copy = bool(j.get("replica")) and j["state"] not in FINAL_STATES
         copies += copy
-        table.add_row(j["job"], f"{j['state']} (copy)" if copy else j["state"], str(j["tasks_done"]),
+        at = j.get("submitted_at")
+        table.add_row(j["job"], time.strftime("%m-%d %H:%M:%S", time.localtime(at)) if at else "",
+                      f"{j['state']} (copy)" if copy else j["state"], str(j["tasks_done"]),
                       str(j["tasks_failed"]), str(j["tasks_total"]), str(j["workers_used"]), f"{j['seconds']:.1f}")
     out.print(table)
     if copies:

@@ -62,8 +62,10 @@ class CoordinatorCE:
     def __init__(self, daemon: NodeDaemon, job: JobSpec, job_id: str, ce_dir: Path, *,
                  broker_url: str | None = None, lease_s: float = LEASE_S,
                  worker_timeout_s: float = WORKER_TIMEOUT_S, epoch: int = 1, resume: bool = False,
-                 failover_timeout_s: float = FAILOVER_TIMEOUT_S, inputs: list[dict[str, Any]] | None = None) -> None:
-        """`inputs`: the manifest of inputs already staged in `ce_dir` (a job that was queued)."""
+                 failover_timeout_s: float = FAILOVER_TIMEOUT_S, inputs: list[dict[str, Any]] | None = None,
+                 submitted_at: float | None = None) -> None:
+        """`inputs` and `submitted_at`: for a job that was queued, its inputs already staged in
+        `ce_dir` (their manifest) and when it was submitted."""
         self.daemon = daemon
         self.job = job
         self.job_id = job_id
@@ -99,6 +101,7 @@ class CoordinatorCE:
         self._storage_recovery_owed = False
         self._owed = False  # tasks given back (the journal refused them) and still owed to their askers
         self.started_at = time.time()
+        self.submitted_at = submitted_at  # None: when it started
         self.first_task_at: float | None = None
         self.last_result_at: float | None = None
         self.finished_at: float | None = None
@@ -879,6 +882,7 @@ class CoordinatorCE:
             "tasks_pending": self.dispatch.pending,
             "workers": len(self.dispatch.workers),
             "workers_used": len(self.workers_seen),
+            "submitted_at": round(self.submitted_at or self.started_at, 3),
             "seconds": round(elapsed, 3),
             "tasks_per_second": round((done + failed) / elapsed, 2) if elapsed > 0 else 0.0,
             "first_task_after": round(self.first_task_at - self.started_at, 4) if self.first_task_at else None,

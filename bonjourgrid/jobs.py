@@ -76,7 +76,7 @@ async def start_queued(daemon: NodeDaemon) -> None:
             if q is None:
                 return
             try:
-                await _start(daemon, q.spec, q.job_id, q.broker, q.inputs)
+                await _start(daemon, q.spec, q.job_id, q.broker, q.inputs, q.submitted_at)
             except JobRequestError as e:  # its status says why; the next one gets its turn
                 log.error("queued job %s: %s", q.job_id, e)
             except Exception as e:  # before its CE existed: nothing else would say why it never ran
@@ -94,9 +94,9 @@ def _ahead(daemon: NodeDaemon, job: str) -> int:
 
 
 async def _start(daemon: NodeDaemon, spec: JobSpec, job_id: str, broker: str | None,
-                 inputs: list[dict[str, Any]] | None = None) -> CoordinatorCE:
+                 inputs: list[dict[str, Any]] | None = None, submitted_at: float | None = None) -> CoordinatorCE:
     ce = CoordinatorCE(daemon, spec, job_id, ces_dir(daemon) / job_id, broker_url=broker or daemon.config.broker_url,
-                       inputs=inputs, **_timing(daemon))
+                       inputs=inputs, submitted_at=submitted_at, **_timing(daemon))
     # Claim the role first. A node lent to another CE leaves it in the same step: its owner's job comes first.
     await daemon.feed(ns.Coordinate(ce.ce, ce.epoch, preempts=True))
     daemon.ces[job_id] = ce
@@ -196,7 +196,8 @@ def queued_status(q: QueuedJob, state: str, message: str) -> dict[str, Any]:
     return {"job": q.job_id, "name": q.spec.name, "backend": q.spec.backend, "state": state, "message": message,
             "tasks_total": len(q.spec.tasks), "tasks_done": 0, "tasks_failed": 0, "tasks_running": 0,
             "tasks_pending": len(q.spec.tasks), "workers": 0, "workers_used": 0,
-            "seconds": round(time.time() - q.submitted_at, 3), "tasks_per_second": 0.0}
+            "submitted_at": round(q.submitted_at, 3), "seconds": round(time.time() - q.submitted_at, 3),
+            "tasks_per_second": 0.0}
 
 
 def _end_queued(daemon: NodeDaemon, q: QueuedJob, state: str, message: str) -> None:
@@ -248,7 +249,8 @@ def _status_from_journal(path: Path, job: str) -> dict[str, Any]:
     return {"job": job, "name": row.spec.get("name", job), "state": state, "tasks_total": row.n_tasks,
             "tasks_done": states.count("done"), "tasks_failed": states.count("failed"),
             "tasks_running": states.count("running"), "tasks_pending": states.count("pending"),
-            "workers": 0, "workers_used": len(nodes), "seconds": round(end - row.created_at, 3),
+            "workers": 0, "workers_used": len(nodes), "submitted_at": round(row.created_at, 3),
+            "seconds": round(end - row.created_at, 3),
             "tasks_per_second": 0.0,  # the same fields as a coordinator's status; no live figures
             "message": message, "replica": True}
 
@@ -268,7 +270,7 @@ def list_jobs(daemon: NodeDaemon) -> list[dict[str, Any]]:
     for job in sorted(names | set(daemon.ces)):
         with contextlib.suppress(JobRequestError, OSError, ValueError):
             out.append(job_status(daemon, job))
-    return sorted(out, key=lambda s: s.get("seconds", 0))
+    return sorted(out, key=lambda s: (s.get("submitted_at") or 0, s["job"]))  # older status files lack it
 
 
 async def export(daemon: NodeDaemon, job: str, dest: Path, after: int = 0, final: bool = True) -> dict[str, Any]:

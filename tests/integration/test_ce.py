@@ -195,6 +195,7 @@ def test_jobs_submitted_while_the_node_coordinates_wait_in_its_queue_and_run_in_
                                         "--", "echo", "d{i}"), "submit-d")
 
     listed = wait_for(lambda: next((js for js in [jobs_of(me)] if len(js) == 4), None), 30, 0.2, "four jobs listed")
+    assert list(listed)[:3] == [a["job"], b["job"], c["job"]]  # oldest first
     assert listed[a["job"]]["state"] == "running"
     assert listed[b["job"]]["state"] == "queued" and "1 job to go" in listed[b["job"]]["message"]
     assert listed[c["job"]]["state"] == "queued" and "2 jobs to go" in listed[c["job"]]["message"]
