@@ -343,16 +343,24 @@ def jobs(key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: Stat
         print(json.dumps(listed, indent=2))
         return
     table = Table(title=f"{len(listed)} job(s)", title_justify="left")
-    for col in ("job", "submitted", "state", "done", "failed", "total", "workers", "seconds"):
-        table.add_column(col)
+    # The id in full, folded if need be: `status`, `results` and `cancel` take it.
+    table.add_column("job", overflow="fold", ratio=1)
+    table.add_column("submitted", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for col in ("done", "failed", "workers", "seconds"):
+        table.add_column(col, justify="right", no_wrap=True)
+    today = time.strftime("%Y-%m-%d")
     copies = 0  # unfinished copies of a journal: the job may have gone on without them
     for j in listed:
         copy = bool(j.get("replica")) and j["state"] not in FINAL_STATES
         copies += copy
         at = j.get("submitted_at")
-        table.add_row(j["job"], time.strftime("%m-%d %H:%M:%S", time.localtime(at)) if at else "",
-                      f"{j['state']} (copy)" if copy else j["state"], str(j["tasks_done"]),
-                      str(j["tasks_failed"]), str(j["tasks_total"]), str(j["workers_used"]), f"{j['seconds']:.1f}")
+        when = time.localtime(at) if at else None
+        submitted = "" if when is None else time.strftime(
+            "%H:%M:%S" if time.strftime("%Y-%m-%d", when) == today else "%m-%d %H:%M", when)
+        table.add_row(j["job"], submitted, f"{j['state']} (copy)" if copy else j["state"],
+                      f"{j['tasks_done']}/{j['tasks_total']}", str(j["tasks_failed"]), str(j["workers_used"]),
+                      f"{j['seconds']:.1f}")
     out.print(table)
     if copies:
         out.print("(copy): this node's copy of a job's journal, which the job may have gone on without; "
