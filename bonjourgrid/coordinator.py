@@ -32,6 +32,7 @@ from .jobqueue import STATUS_FILE, stage_inputs
 from .jobspec import JobSpec
 from .journal import FailureOutcome, Journal, JournalError, JournalWriteError, OutputFile, ResultRecord
 from .paths import replace_file
+from .ratelimit import Sometimes
 from .replication import ReplicationSender
 from .retention import SUBMITTED_HERE
 from .sandbox import safe_join
@@ -47,7 +48,6 @@ _T = TypeVar("_T")
 FAILOVER_TIMEOUT_S = 1.0  # workers suspect the coordinator after this long without a heartbeat
 WORKER_TIMEOUT_S = 5.0
 JOURNAL_RETRY_S = 1.0  # a refused journal write (a full disk) at the job's end: try again this often
-STORAGE_LOG_S = 60.0  # refused writes (journal, outputs): logged at most this often
 LEASE_S = 30.0
 RECRUIT_EVERY_S = 0.5
 NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the reason
@@ -97,7 +97,7 @@ class CoordinatorCE:
         self.state = "starting"
         self.message = ""
         self.storage_error: str | None = None  # the last refused write, until one succeeds (a full disk)
-        self._storage_error_logged = -STORAGE_LOG_S
+        self._say_storage = Sometimes()  # a nearly full disk refuses some writes, and workers resend every 3 s
         self._storage_recovery_owed = False
         self._owed = False  # tasks given back (the journal refused them) and still owed to their askers
         self.started_at = time.time()
@@ -119,6 +119,7 @@ class CoordinatorCE:
         self._finisher: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._bus_auth: tuple[str, str] = ("", "")  # the CE broker's user and password, derived from the key
+        self._say_broker = Sometimes()  # a broker that cannot start again is tried every BUS_RETRY_S
         self.last_beat = time.monotonic()  # last heartbeat that reached the broker (a replica may ask)
 
     # ------------------------------------------------------------ lifecycle --
@@ -517,8 +518,9 @@ class CoordinatorCE:
             self.broker = await start_ce_broker(self.daemon.config.ce_broker, self.address,
                                                 username=self._bus_auth[0], password=self._bus_auth[1],
                                                 log_file=self.dir / "broker.log", port=old.port)
-        except BrokerError as e:
-            log.warning("CE %s: the CE's broker died and cannot be started again yet: %s", self.ce, e)
+        except BrokerError as e:  # its port taken meanwhile, say
+            if self._say_broker():
+                log.warning("CE %s: the CE's broker died and cannot be started again yet: %s", self.ce, e)
             return
         await asyncio.to_thread(old.stop)  # its temp files
         log.warning("CE %s: the CE's broker died (exit code %s): started another on port %d", self.ce,
@@ -805,9 +807,7 @@ class CoordinatorCE:
         """Shown in the job's status until a journal write succeeds; logged at most once a minute
         (a nearly full disk takes small writes and refuses big ones, and workers resend every 3 s)."""
         self.storage_error = problem
-        now = time.monotonic()
-        if now - self._storage_error_logged >= STORAGE_LOG_S:
-            self._storage_error_logged = now
+        if self._say_storage():
             self._storage_recovery_owed = True
             log.error("CE %s: %s; the job waits, its results kept by the workers, until it can be written",
                       self.ce, problem)

@@ -26,6 +26,7 @@ from .datasrv import StorageError
 from .election import AskPeers, Election, GiveUp, Hold, Reattach, TakeOver
 from .envelope import Envelope
 from .journal import JournalWriteError
+from .ratelimit import Sometimes
 from .replication import ReplicaStore
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ log = logging.getLogger("bonjourgrid.worker")
 
 HEARTBEAT_S = 1.0
 BUS_RETRY_S = 0.5  # our broker connection dropped (our link went down, say): try again this often
-REFUSED_LOG_S = 60.0  # a replica's full disk refuses every batch, resent every 2 s: said this often at most
 TICK_S = 0.05
 
 
@@ -64,7 +64,7 @@ class WorkerCE:
         self._released_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._asking: asyncio.Task[None] | None = None
-        self._refused_logged = -REFUSED_LOG_S
+        self._say_refused = Sometimes()  # a full disk refuses every batch, resent every 2 s
         self._reconnecting: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()  # a reconnect and a reattach must not build two buses
 
@@ -304,11 +304,9 @@ class WorkerCE:
         try:
             seq = await asyncio.to_thread(self.replica.apply, body, self.data_url)
         except (JournalWriteError, StorageError, OSError) as e:  # our disk is full, say: not the batch's fault
-            now = time.monotonic()
-            if now - self._refused_logged >= REFUSED_LOG_S:
-                self._refused_logged = now
-                log.warning("CE %s: cannot store replicated changes: %s (said again at most every %gs)",
-                            self.ce, e, REFUSED_LOG_S)
+            if self._say_refused():
+                log.warning("CE %s: cannot store replicated changes: %s (said again at most once a minute)",
+                            self.ce, e)
             with contextlib.suppress(BusError):  # so that the coordinator names another replica if it can
                 await self.publish("rep-ack", {"refused": str(e)})
             return
