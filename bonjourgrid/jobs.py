@@ -63,9 +63,10 @@ async def submit(daemon: NodeDaemon, body: dict[str, Any]) -> dict[str, Any]:
             await asyncio.to_thread(daemon.queue.add, job_id, spec, broker)
         except QueueError as e:
             raise JobRequestError(str(e)) from None
-    log.info("job %s queued: %d job(s) to go before it", job_id, _ahead(daemon, job_id))
+    ahead = _ahead(daemon, job_id)
+    log.info("job %s queued: %d job(s) to go before it", job_id, ahead)
     daemon.spawn(start_queued(daemon))  # a no-op while this node coordinates
-    return {"job": job_id, "queued": _ahead(daemon, job_id)}
+    return {"job": job_id, "queued": ahead}
 
 
 async def start_queued(daemon: NodeDaemon) -> None:

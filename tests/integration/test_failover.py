@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import GridNode, last_summary, small_disk
+from conftest import Grid, GridNode, last_summary, small_disk
 
 from bonjourgrid.journal import Journal
 from bonjourgrid.testbed import Proc, wait_for
@@ -36,6 +36,18 @@ def done_count(node: GridNode) -> int:
     r = node.cli("jobs", "--json")
     jobs = json.loads(r.stdout) if r.returncode == 0 else []
     return max((j["tasks_done"] for j in jobs), default=0)
+
+
+def started(grid, n: int, *args: str) -> tuple[Grid, list[GridNode]]:
+    """`n` node daemons, once the first one sees them all."""
+    g = grid(n)
+    nodes = g.start_all(*args)
+    wait_for(lambda: len(nodes[0].sees()) == n, 30, 0.2, f"{n} nodes")
+    return g, nodes
+
+
+def under_way(coordinator: GridNode, done: int, what: str = "a part of the job to be done") -> None:
+    wait_for(lambda: done_count(coordinator) >= done, 60, 0.1, what)
 
 
 def check_results(res: Path, n: int) -> dict:
@@ -89,12 +101,10 @@ def who_coordinates(nodes: list[GridNode]) -> GridNode | None:
 
 
 def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_path):
-    g = grid(5)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    g, nodes = started(grid, 5, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 200, 0.1)
-    wait_for(lambda: done_count(nodes[0]) >= 30, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 30)
     nodes[0].proc.kill()  # the coordinator's node daemon, its broker and everything it started
     summary, _ = ended_on_a_successor(sub, res, nodes[1:], 200)
     assert "following" in sub.output()
@@ -111,12 +121,10 @@ def test_coordinator_killed_mid_job_completes_with_every_result_once(grid, tmp_p
 def test_a_job_queued_on_a_coordinator_killed_mid_job_runs_when_the_desktop_comes_back(grid, tmp_path):
     """The running job fails over to a replica; the queued one waits on the desktop's disk and runs
     when its daemon restarts, and the `submit` waiting for it follows it there."""
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    g, nodes = started(grid, 4, *FAST)
     res_a, res_b = tmp_path / "a", tmp_path / "b"
     sub_a = start_job(nodes[0], res_a, 200, 0.1)
-    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "the first job to run")
+    under_way(nodes[0], 10, "the first job to run")
     sub_b = nodes[0].host.spawn(nodes[0].cli_argv("submit", "--json", "--results", str(res_b), "--tasks", "5",
                                                   "--", "echo", "b{i}"), "submit-b")
     wait_for(lambda: "is queued" in sub_b.output(), 30, 0.2, "the second job to be queued")
@@ -133,12 +141,10 @@ def test_a_job_queued_on_a_coordinator_killed_mid_job_runs_when_the_desktop_come
 
 def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_steps_down(grid, tmp_path):
     """The coordinator lives, its broker does not (the OOM killer, say): nobody hears it any more."""
-    g = grid(3)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    _, nodes = started(grid, 3, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 60, 0.2)
-    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 10)
     pid = int(re.findall(r"(?:CE broker: mosquitto|embedded MQTT broker) pid (\d+)", nodes[0].proc.output())[-1])
     os.kill(pid, signal.SIGKILL)
     ended_on_a_successor(sub, res, nodes[1:], 60)
@@ -149,12 +155,10 @@ def test_the_ce_broker_killed_alone_a_replica_takes_over_and_the_coordinator_ste
 def test_the_ce_broker_killed_in_a_ce_without_a_replica_is_started_again(grid, tmp_path):
     """One worker, so no replica to take over: the coordinator starts another broker on the same
     port, and both ends connect to it again on their own."""
-    g = grid(2)
-    nodes = g.start_all("--cpus", "1")
-    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    _, nodes = started(grid, 2, "--cpus", "1")
     res = tmp_path / "res"
     sub = sweep(nodes[0], res, 300)
-    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    under_way(nodes[0], 40)
     pid = int(re.findall(r"(?:CE broker: mosquitto|embedded MQTT broker) pid (\d+)", nodes[0].proc.output())[-1])
     os.kill(pid, signal.SIGKILL)
     all_printed(sub, res, 300)
@@ -163,13 +167,11 @@ def test_the_ce_broker_killed_in_a_ce_without_a_replica_is_started_again(grid, t
 
 
 def test_coordinator_killed_then_its_successor_too(grid, tmp_path):
-    g = grid(5)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    _, nodes = started(grid, 5, *FAST)
     res = tmp_path / "res"
     # long enough that the successor's replica catches up (seconds: it fetches every output) before the end
     sub = start_job(nodes[0], res, 300, 0.1, replicas=2)
-    wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 20)
     nodes[0].proc.kill()
     first = wait_for(lambda: who_coordinates(nodes[1:]), 30, 0.2, "a successor")
     # The successor is killed once one of its replicas holds the journal (before that, a second
@@ -206,12 +208,10 @@ def all_printed(sub: Proc, res: Path, n: int) -> None:
 def test_a_coordinator_frozen_past_its_bus_keepalive_gets_back_on_the_bus_and_finishes_the_job(grid, tmp_path):
     """One worker, so no replica to take over: the broker drops the frozen coordinator, which must
     connect again; tasks and acknowledgements it sent as the bus failed are made good."""
-    g = grid(2)
-    nodes = g.start_all("--cpus", "1")  # the default lease (30 s): the worker waits for its coordinator
-    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    _, nodes = started(grid, 2, "--cpus", "1")  # the default lease (30 s): the worker waits for its coordinator
     res = tmp_path / "res"
     sub = sweep(nodes[0], res, 300)
-    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    under_way(nodes[0], 40)
     suspend(nodes[0].proc, 8)  # the broker gives up on it after 1.5 keepalives (3 s)
     all_printed(sub, res, 300)
     log = nodes[0].proc.output()
@@ -220,12 +220,10 @@ def test_a_coordinator_frozen_past_its_bus_keepalive_gets_back_on_the_bus_and_fi
 
 
 def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp_path):
-    g = grid(3)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    _, nodes = started(grid, 3, *FAST)
     res = tmp_path / "res"
     sub = sweep(nodes[0], res, 300)
-    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    under_way(nodes[0], 40)
     suspend(nodes[0].proc, 8)
     all_printed(sub, res, 300)
     wait_for(lambda: "stepping down" in nodes[0].proc.output(), 30, 0.3, "the thawed coordinator to step down")
@@ -236,30 +234,27 @@ def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp
 def test_a_worker_whose_link_drops_past_its_keepalive_connects_again_at_once(grid, tmp_path):
     """A worker that is no replica asks nobody: it must not wait out its 30 s lease while the
     coordinator, which requeued its tasks, has nobody else to run them."""
-    g = grid(2)
-    nodes = g.start_all("--cpus", "1")
-    wait_for(lambda: len(nodes[0].sees()) == 2, 30, 0.2, "two nodes")
+    g, nodes = started(grid, 2, "--cpus", "1")
     res = tmp_path / "res"
     sub = sweep(nodes[0], res, 300)
-    wait_for(lambda: done_count(nodes[0]) >= 40, 60, 0.1, "a part of the job to be done")
+    under_way(nodes[0], 40)
     worker = g.testbed.hosts[1]
-    for _ in range(2):  # down 4 s: its broker gives up on it after 3 s
+    for drop in range(1, 3):  # down 4 s: its broker gives up on it after 3 s
         worker.link_down()
         time.sleep(4)
         worker.link_up()
-        time.sleep(2)
+        wait_for(lambda drop=drop: nodes[1].proc.output().count("back on the bus") >= drop, 20, 0.1,
+                 "the worker back on the bus")
     all_printed(sub, res, 300)
     log = nodes[1].proc.output()
     assert "back on the bus" in log and "no coordinator for" not in log, log[-3000:]
 
 
 def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    _, nodes = started(grid, 4, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 80, 0.2)
-    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 10)
     victim = next(n for n in nodes[1:] if "now worker" in n.proc.output()
                   and "replicas" not in n.proc.output())
     victim.proc.kill()
@@ -270,14 +265,12 @@ def test_worker_killed_its_tasks_are_requeued(grid, tmp_path):
 
 
 def test_coordinator_and_replicas_killed_workers_go_back_to_idle(grid, tmp_path):
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    _, nodes = started(grid, 4, *FAST)
     sub = start_job(nodes[0], tmp_path / "res", 400, 0.2)
     ids = {n["id"][:8]: n["host"] for n in nodes[0].view()[0]}
     replicas = wait_for(lambda: re.findall(r"replicas \['(\w+)'", nodes[0].proc.output()), 30, 0.2, "replicas")
     replica = next(n for n in nodes if n.host.name == ids[replicas[-1]])
-    wait_for(lambda: done_count(nodes[0]) >= 5, 60, 0.2, "some tasks done")
+    under_way(nodes[0], 5, "some tasks done")
     t0 = time.monotonic()
     nodes[0].proc.kill()
     replica.proc.kill()
@@ -289,12 +282,10 @@ def test_coordinator_and_replicas_killed_workers_go_back_to_idle(grid, tmp_path)
 
 
 def test_partitioned_coordinator_steps_down_after_healing(grid, tmp_path):
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    g, nodes = started(grid, 4, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 150, 0.15)
-    wait_for(lambda: done_count(nodes[0]) >= 15, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 15)
     h = g.testbed.hosts
     g.testbed.partition([h[0]], h[1:])
     successor = wait_for(lambda: who_coordinates(nodes[1:]), 30, 0.2, "a successor on the other side")
@@ -310,12 +301,10 @@ def test_partitioned_coordinator_steps_down_after_healing(grid, tmp_path):
 
 
 def test_flapping_worker_loses_nothing_and_duplicates_nothing(grid, tmp_path):
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    g, nodes = started(grid, 4, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 200, 0.2)
-    wait_for(lambda: done_count(nodes[0]) >= 5, 60, 0.2, "the job to start")
+    under_way(nodes[0], 5, "the job to start")
     flapper = g.testbed.hosts[3]
     for _ in range(3):  # its link down 3 s every 6 s
         flapper.link_down()
@@ -333,9 +322,7 @@ def test_flapping_worker_loses_nothing_and_duplicates_nothing(grid, tmp_path):
 
 def test_results_survive_the_coordinator_dying_right_after_the_end(grid, tmp_path):
     """The end of the job reaches a replica before the workers are released: results from any node."""
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    _, nodes = started(grid, 4, *FAST)
     r = nodes[0].cli("submit", "--json", "--detach", "--tasks", "40", "--output", "out.txt", "--",
                      "sh", "-c", "sleep 0.05; echo {i} > out.txt; echo t{i}")
     assert r.returncode == 0, r.stderr
@@ -357,9 +344,7 @@ def test_results_survive_the_coordinator_dying_right_after_the_end(grid, tmp_pat
 def test_a_replica_that_runs_out_of_tasks_stays_and_gets_the_end(grid, tmp_path):
     """The CE shrinks as workers run dry, but not by its replica: the journal must stay on a second
     disk until the end, or the coordinator's death then loses the job's end (and, mid-job, its failover)."""
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    _, nodes = started(grid, 4, *FAST)
     res = tmp_path / "res"
     # the first tasks end at once, so the first worker to join (the replica) runs dry long before the last
     r = nodes[0].cli("submit", "--json", "--results", str(res), "--tasks", "6", "--output", "out.txt", "--",
@@ -391,7 +376,7 @@ def test_a_replica_that_cannot_store_the_journal_is_replaced_by_one_that_can(gri
             "python3", "-c", "import time; time.sleep(0.3); print('{i}' * 100000)"), "submit")
         wait_for(lambda: "cannot store the journal" in nodes[0].proc.output(), 60, 0.2, "a replica's full disk")
         # Half the job with full replicas only: they are sent a batch every 2 s, and refuse each
-        wait_for(lambda: done_count(nodes[0]) >= 30, 60, 0.2, "half of the job")
+        under_way(nodes[0], 30, "half of the job")
         for n in nodes[1:]:  # once said, not every 2 s
             assert n.proc.output().count("cannot store replicated changes") <= 1, n.proc.output()[-3000:]
         late = g.start(hosts[3], *FAST)
@@ -446,13 +431,11 @@ def test_a_replica_whose_owner_comes_back_leaves_a_copy_marked_left(grid, tmp_pa
 def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tmp_path):
     """The rank-1 replica's link goes down for 3 failover timeouts, twice: the others still hear the
     coordinator, so it must not take over; the original coordinator keeps the CE to the end."""
-    g = grid(4)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    _, nodes = started(grid, 4, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 300, 0.15)  # long enough to outlast the flaps
     (replica,) = replicas_of(nodes[0], nodes, 1)
-    wait_for(lambda: done_count(nodes[0]) >= 15, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 15)
     for _ in range(2):
         replica.host.link_down()
         time.sleep(3.0)
@@ -471,13 +454,11 @@ def test_replica_cut_off_while_the_coordinator_lives_does_not_take_over(grid, tm
 
 def test_coordinator_and_first_replica_killed_together_the_second_takes_over(grid, tmp_path):
     """replicas = 2 survives two failures at once: rank 2 takes over (epoch 1 + 2) once its peers confirm."""
-    g = grid(5)
-    nodes = g.start_all(*FAST)
-    wait_for(lambda: len(nodes[0].sees()) == 5, 30, 0.2, "five nodes")
+    _, nodes = started(grid, 5, *FAST)
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 150, 0.1, replicas=2)
     first, second = replicas_of(nodes[0], nodes, 2)
-    wait_for(lambda: done_count(nodes[0]) >= 20, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 20)
     wait_for(lambda: nodes[0].proc.output().count("holds the journal") >= 2, 30, 0.1, "both replicas to catch up")
     nodes[0].proc.kill()
     first.proc.kill()
@@ -491,13 +472,11 @@ def test_coordinator_and_first_replica_killed_together_the_second_takes_over(gri
 def test_replica_cut_off_while_the_job_ends_does_not_resurrect_it(grid, tmp_path):
     """The job ends while the rank-1 replica's link is down: when it comes back (within the lease),
     its released peers tell it the CE is over, and it goes home instead of taking over."""
-    g = grid(4)
-    nodes = g.start_all("--cpus", "1", "--failover-timeout", "1", "--lease", "30")
-    wait_for(lambda: len(nodes[0].sees()) == 4, 30, 0.2, "four nodes")
+    _, nodes = started(grid, 4, "--cpus", "1", "--failover-timeout", "1", "--lease", "30")
     res = tmp_path / "res"
     sub = start_job(nodes[0], res, 60, 0.15)
     (replica,) = replicas_of(nodes[0], nodes, 1)
-    wait_for(lambda: done_count(nodes[0]) >= 10, 60, 0.2, "a part of the job to be done")
+    under_way(nodes[0], 10)
     replica.host.link_down()
     try:
         wait_for(lambda: not sub.alive(), 120, 0.5, "submit to end without the replica")
