@@ -116,6 +116,7 @@ class CoordinatorCE:
         self.stepped_down = False
         self._first_result_logged = False
         self._last_probe = 0.0
+        self._moved_to: str | None = None  # a successor a recruited node told us of
         self._finisher: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._bus_auth: tuple[str, str] = ("", "")  # the CE broker's user and password, derived from the key
@@ -556,17 +557,20 @@ class CoordinatorCE:
                 return rec
         return None
 
-    async def step_down(self, successor: NodeRecord) -> None:
-        """Leave the CE to its successor without touching the job: no release, no final state."""
+    def _named(self, node: str) -> str:
+        rec = self.daemon.view.nodes.get(node)
+        return f"{rec.ann.host} ({node[:8]})" if rec else node[:8]
+
+    async def step_down(self, successor: str) -> None:
+        """Leave the CE to its successor (a node id) without touching the job: no release, no final state."""
         async with self._lock:
             if self._done.is_set():
                 return
             log.warning("CE %s: %s coordinates it now (a higher epoch than our %s): stepping down", self.ce,
-                        successor.ann.host, self.epoch)
+                        self._named(successor), self.epoch)
             self.stepped_down = True
             self.state = "moved"
-            self.message = f"coordinated by {successor.ann.host} ({successor.ann.node_id[:8]}) since our epoch " \
-                           f"{self.epoch}"
+            self.message = f"coordinated by {self._named(successor)} since our epoch {self.epoch}"
             me = asyncio.current_task()
             for t in self._tasks:
                 if t is not me:
@@ -585,7 +589,7 @@ class CoordinatorCE:
             self._last_probe = now
             successor = await self._successor_by_asking()
         if successor is not None:
-            await self.step_down(successor)
+            await self.step_down(successor.ann.node_id)
             return
         for node in self.dispatch.idle_workers(keep=self.replication.replicas):
             if self.half is None or not self.half.wants(node):
@@ -612,6 +616,9 @@ class CoordinatorCE:
                 slots += max(ann.free_slots, 1)
             if picks:
                 await asyncio.gather(*(self._recruit(a.node_id) for a in picks))
+            if self._moved_to is not None:  # a node we asked knows our CE has a newer coordinator
+                await self.step_down(self._moved_to)
+                return
         if not self.dispatch.workers and not self.recruited:
             others = [a for a in anns if a.node_id != self.daemon.node_id]
             matching = [a for a in others if self.needs.why_not(a) is None]
@@ -640,9 +647,17 @@ class CoordinatorCE:
         if reply.body.get("accepted"):
             self.recruited[node] = time.monotonic()
             log.info("CE %s: recruited %s (%s)", self.ce, rec.ann.host, node[:8])
-        else:
-            self.refused[node] = time.monotonic()
-            log.info("CE %s: %s refused: %s", self.ce, rec.ann.host, reply.body.get("reason"))
+            return
+        self.refused[node] = time.monotonic()
+        log.info("CE %s: %s refused: %s", self.ce, rec.ann.host, reply.body.get("reason"))
+        moved = reply.body.get("moved_to")
+        if isinstance(moved, dict):
+            try:
+                epoch, by = int(moved["epoch"]), str(moved["coordinator"])
+            except (KeyError, TypeError, ValueError):
+                return
+            if supersedes(epoch, by, self.epoch, self.daemon.node_id):
+                self._moved_to = by
 
     # -------------------------------------------------------------- results --
 

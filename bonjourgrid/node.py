@@ -423,7 +423,9 @@ class NodeDaemon:
         actions = await self.feed(ns.Recruit(ce, req.sender, req.epoch, lease, time.monotonic()))
         for a in actions:
             if isinstance(a, ns.Refused):
-                return {"accepted": False, "reason": a.reason}
+                moved = {"moved_to": {"epoch": a.moved_to[0], "coordinator": a.moved_to[1] or self.node_id}} \
+                    if a.moved_to else {}
+                return {"accepted": False, "reason": a.reason, **moved}
         if self.worker is None or self.worker.ce != ce:
             self.worker = WorkerCE(self, ce, req.epoch, req.sender, lease, bus, data, config)
             self.worker.start()

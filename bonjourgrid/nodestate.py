@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 from .announcement import Role
 
+KNOWN_CES = 64
+
 # ---------------------------------------------------------------- events ----
 
 
@@ -48,10 +50,13 @@ class Recruit:
 
 @dataclass(frozen=True)
 class RenewLease:
+    """A heartbeat of our coordinator, or a new coordinator we follow after a takeover (`coordinator`)."""
+
     ce: str
     epoch: int
     lease_s: float
     now: float
+    coordinator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,12 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Refused:
+    """`moved_to`: the CE has a newer coordinator (epoch, its node id; "" for this node): the one
+    asking was cut off and replaced, and should step down."""
+
     ce: str
     reason: str
+    moved_to: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,9 @@ class NodeState:
     bus: str | None = None
     data: str | None = None
     stopped: bool = False
+    # The newest (epoch, coordinator) this node knew of its last few CEs, kept when it goes back to
+    # Idle: a coordinator that froze and thawed after its successor finished must not recruit again.
+    known: tuple[tuple[str, int, str], ...] = ()
 
     def service(self) -> Publish | None:
         """The one service this state publishes, or None."""
@@ -238,26 +250,30 @@ def _owner_free(s: NodeState, e: OwnerFree) -> tuple[NodeState, list[Action]]:
 
 
 def _recruit(s: NodeState, e: Recruit) -> tuple[NodeState, list[Action]]:
+    newer = _known(s, e.ce)
+    if newer is not None and newer[0] > e.epoch:
+        epoch, by = newer
+        who = f"coordinator {by[:8]}" if by else "this node coordinated it"
+        return s, [Refused(e.ce, f"stale epoch {e.epoch}: CE {e.ce} moved to epoch {epoch} ({who})", newer)]
     if s.role is Role.WORKER and s.ce == e.ce:
-        if e.epoch < s.epoch:
-            return s, [Refused(e.ce, f"stale epoch {e.epoch} < {s.epoch}")]
         # Same CE: a (possibly new, after failover) coordinator renews us.
         until = e.now + e.lease_s
-        return _with(s, coordinator=e.coordinator, epoch=e.epoch, lease_until=until), [
-            Accepted(e.ce, e.epoch, until)
-        ]
+        return _remember(_with(s, coordinator=e.coordinator, epoch=e.epoch, lease_until=until), e.ce, e.epoch,
+                         e.coordinator), [Accepted(e.ce, e.epoch, until)]
     if s.role is not Role.IDLE:
         return s, [Refused(e.ce, f"busy: {s.role.value} of CE {s.ce}")]
     if s.owner_busy:
         return s, [Refused(e.ce, "the owner is using this machine")]
     until = e.now + e.lease_s
     new = _with(s, role=Role.WORKER, ce=e.ce, coordinator=e.coordinator, epoch=e.epoch, lease_until=until)
-    return new, [Accepted(e.ce, e.epoch, until)]
+    return _remember(new, e.ce, e.epoch, e.coordinator), [Accepted(e.ce, e.epoch, until)]
 
 
 def _renew(s: NodeState, e: RenewLease) -> tuple[NodeState, list[Action]]:
     if s.role is Role.WORKER and s.ce == e.ce and e.epoch >= s.epoch:
-        return _with(s, epoch=e.epoch, lease_until=max(s.lease_until, e.now + e.lease_s)), []
+        coordinator = e.coordinator or s.coordinator
+        new = _with(s, epoch=e.epoch, coordinator=coordinator, lease_until=max(s.lease_until, e.now + e.lease_s))
+        return _remember(new, e.ce, e.epoch, coordinator or ""), []
     return s, []
 
 
@@ -274,8 +290,9 @@ def _coordinate(s: NodeState, e: Coordinate) -> tuple[NodeState, list[Action]]:
     if not (s.role is Role.IDLE or takeover or again or preempt):
         raise InvalidTransition(f"cannot coordinate CE {e.ce}: this node is a {s.role.value} of CE {s.ce}")
     actions: list[Action] = [LeftCE(s.ce or "", "left for a job submitted on this node")] if preempt else []
-    return _with(s, role=Role.COORDINATOR, ce=e.ce, coordinator=None, epoch=e.epoch, bus=e.bus,
-                 data=e.data, lease_until=0.0), actions
+    new = _with(s, role=Role.COORDINATOR, ce=e.ce, coordinator=None, epoch=e.epoch, bus=e.bus, data=e.data,
+                lease_until=0.0)
+    return _remember(new, e.ce, e.epoch, ""), actions
 
 
 def _end_coordination(s: NodeState, e: EndCoordination) -> tuple[NodeState, list[Action]]:
@@ -301,8 +318,21 @@ def _shutdown(s: NodeState, e: Shutdown) -> tuple[NodeState, list[Action]]:
 
 
 def _idle(s: NodeState) -> NodeState:
-    """Back to Idle, keeping what is not about a CE (the owner's state)."""
-    return NodeState(owner_busy=s.owner_busy)
+    """Back to Idle, keeping what is not about the CE it left (the owner's state, the epochs known)."""
+    return NodeState(owner_busy=s.owner_busy, known=s.known)
+
+
+def _known(s: NodeState, ce: str) -> tuple[int, str] | None:
+    return next(((epoch, by) for c, epoch, by in s.known if c == ce), None)
+
+
+def _remember(s: NodeState, ce: str, epoch: int, coordinator: str) -> NodeState:
+    """The newest epoch of `ce` first; at most KNOWN_CES of them (a CE id is never reused)."""
+    old = _known(s, ce)
+    if old is not None and (old[0] > epoch or old == (epoch, coordinator)):
+        return s
+    rest = tuple(k for k in s.known if k[0] != ce)
+    return _with(s, known=((ce, epoch, coordinator), *rest)[:KNOWN_CES])
 
 
 def _with(s: NodeState, **changes: object) -> NodeState:

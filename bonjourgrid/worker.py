@@ -241,7 +241,7 @@ class WorkerCE:
     async def _reattach(self, r: Reattach) -> None:
         log.warning("CE %s: following coordinator %s (epoch %d)", self.ce, r.coordinator[:8], r.epoch)
         self.coordinator, self.epoch = r.coordinator, r.epoch
-        await self.daemon.feed(ns.RenewLease(self.ce, r.epoch, self.lease_s, time.monotonic()))
+        await self.daemon.feed(ns.RenewLease(self.ce, r.epoch, self.lease_s, time.monotonic(), r.coordinator))
         if r.bus and r.bus != self.bus_url:
             self.bus_url, self.data_url = r.bus, r.data or self.data_url
             try:

@@ -231,6 +231,33 @@ def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp
     assert "Traceback" not in nodes[0].proc.output()  # what it answered into a lost bus is dropped quietly
 
 
+def test_a_coordinator_that_thaws_after_its_successor_finished_does_not_run_the_job_again(grid, tmp_path):
+    """Its successor finished the job and was then switched off: nobody announces the CE and nobody
+    can answer for it. The desktops it recruits again remember the newer epoch and refuse; the
+    thawed coordinator steps down instead of running the rest of the job a second time."""
+    _, nodes = started(grid, 3, *FAST)
+    res = tmp_path / "res"
+    sub = sweep(nodes[0], res, 300)
+    under_way(nodes[0], 40)
+    nodes[0].proc.signal(signal.SIGSTOP)
+    try:
+        all_printed(sub, res, 300)
+        successor = who_coordinates(nodes[1:])
+        assert successor is not None
+        successor.proc.kill()
+        other = next(n for n in nodes[1:] if n is not successor)
+        wait_for(lambda: "released by the coordinator" in other.proc.output(), 30, 0.2, "the other worker idle")
+    finally:
+        nodes[0].proc.signal(signal.SIGCONT)
+    wait_for(lambda: "stepping down" in nodes[0].proc.output(), 30, 0.3, "the thawed coordinator to step down")
+    log = nodes[0].proc.output()
+    assert "moved to epoch 2" in log  # refused by the desktop it asked again
+    assert "job sleep-0 done" not in log  # the job ended once, on its successor
+    # It asks the grid: the other desktop's replica of the successor's journal says how the job ended.
+    status = json.loads(nodes[0].cli("status", "--json", last_summary(sub)["job"]).stdout)
+    assert (status["state"], status["tasks_done"]) == ("done", 300), status
+
+
 def test_a_worker_whose_link_drops_past_its_keepalive_connects_again_at_once(grid, tmp_path):
     """A worker that is no replica asks nobody: it must not wait out its 30 s lease while the
     coordinator, which requeued its tasks, has nobody else to run them."""

@@ -36,6 +36,37 @@ def test_same_ce_higher_epoch_renews_lower_epoch_refused(m):
     assert m.state.epoch == 3
 
 
+def test_a_node_back_to_idle_refuses_the_coordinator_its_ce_replaced(m):
+    """A coordinator that froze and thawed after its successor finished the job must step down,
+    not recruit the idle desktops again for a second run of the job."""
+    m.handle(recruit("ce1", epoch=1))
+    m.handle(ns.RenewLease("ce1", 2, 10.0, now=1.0, coordinator="c2"))  # followed the successor
+    assert m.state.service().coordinator == "c2"
+    m.handle(ns.Release("ce1", 2))
+    assert m.state.role is Role.IDLE
+    [refused] = m.handle(recruit("ce1", epoch=1, now=2.0))
+    assert refused.moved_to == (2, "c2") and "moved to epoch 2" in refused.reason
+    assert m.state.role is Role.IDLE
+    assert ns.Accepted("ce1", 3, 12.0) in m.handle(recruit("ce1", epoch=3, now=2.0))  # a later takeover
+
+
+def test_the_successor_itself_refuses_the_coordinator_it_replaced(m):
+    m.handle(recruit("ce1", epoch=1))
+    m.handle(ns.Coordinate("ce1", 2))
+    m.handle(ns.EndCoordination("ce1"))
+    [refused] = m.handle(recruit("ce1", epoch=1))
+    assert refused.moved_to == (2, "")  # this node: the runtime names itself
+    assert isinstance(m.handle(recruit("ce2", epoch=1))[-1], ns.Accepted)  # other CEs are unaffected
+
+
+def test_known_epochs_are_bounded(m):
+    for i in range(ns.KNOWN_CES + 10):
+        m.handle(recruit(f"ce{i}", epoch=5))
+        m.handle(ns.Release(f"ce{i}", 5))
+    assert len(m.state.known) == ns.KNOWN_CES
+    assert isinstance(m.handle(recruit(f"ce{ns.KNOWN_CES + 9}", epoch=1))[0], ns.Refused)  # the newest kept
+
+
 def test_release_returns_to_idle(m):
     m.handle(recruit())
     assert m.handle(ns.Release("ce1", 1)) == [ns.Publish(Role.IDLE), ns.LeftCE("ce1", "released by the coordinator")]
