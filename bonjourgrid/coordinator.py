@@ -27,7 +27,6 @@ from .bus import Bus, BusError, bus_credentials, topic
 from .datasrv import DataServer, sha256_file
 from .election import supersedes
 from .envelope import Envelope
-from .gridview import NodeRecord
 from .jobqueue import STATUS_FILE, stage_inputs
 from .jobspec import JobSpec
 from .journal import FailureOutcome, Journal, JournalError, JournalWriteError, OutputFile, ResultRecord
@@ -535,27 +534,36 @@ class CoordinatorCE:
                 log.exception("CE %s: recruitment round failed", self.ce)
             await asyncio.sleep(RECRUIT_EVERY_S)
 
-    def superseded_by(self) -> NodeRecord | None:
-        """A coordinator of this CE with a claim that wins over ours (we were cut off and replaced)."""
+    def superseded_by(self) -> str | None:
+        """A coordinator of this CE, over mDNS, with a claim that wins over ours (we were cut off and replaced)."""
         for rec in self.daemon.view.coordinators_of(self.ce):
             if supersedes(rec.ann.epoch or 0, rec.ann.node_id, self.epoch, self.daemon.node_id):
-                return rec
+                return rec.ann.node_id
         return None
 
-    async def _successor_by_asking(self) -> NodeRecord | None:
-        """Cut off from all our workers: did one of them take over (and maybe already finish)?"""
+    async def _successor_by_asking(self) -> str | None:
+        """Cut off from all our workers: did one of them take over (and maybe already finish), or
+        work for whoever did? Each remembers the newest epoch of its last CEs (`NodeState.known`)."""
         for node in sorted(self.workers_seen - {self.daemon.node_id}):
             rec = self.daemon.view.nodes.get(node)
             if rec is None or not rec.addresses:
                 continue
             try:
                 reply = await request(rec.addresses[0], rec.port, self.key, self.grid,
-                                      Envelope("job", self.daemon.node_id, {"job": self.job_id}), timeout=1.0)
+                                      Envelope("epoch", self.daemon.node_id, {"ce": self.ce}), timeout=1.0)
+                moved_to = self._successor_in(reply.body)
             except Exception:
                 continue
-            if int(reply.body.get("epoch") or 0) > self.epoch:
-                return rec
+            if moved_to is not None:
+                return moved_to
         return None
+
+    def _successor_in(self, known: Any) -> str | None:
+        """The node that coordinates our CE with a claim over ours, from an `epoch` answer."""
+        if not isinstance(known, dict) or not known.get("coordinator"):
+            return None
+        epoch, by = int(known["epoch"]), str(known["coordinator"])
+        return by if supersedes(epoch, by, self.epoch, self.daemon.node_id) else None
 
     def _named(self, node: str) -> str:
         rec = self.daemon.view.nodes.get(node)
@@ -583,13 +591,13 @@ class CoordinatorCE:
 
     async def _recruit_once(self) -> None:
         now = time.monotonic()
-        successor = self.superseded_by()
-        if successor is None and not self.dispatch.workers and self.workers_seen \
+        moved_to = self.superseded_by()
+        if moved_to is None and not self.dispatch.workers and self.workers_seen \
                 and now - self._last_probe > 2 * self.failover_timeout_s:
             self._last_probe = now
-            successor = await self._successor_by_asking()
-        if successor is not None:
-            await self.step_down(successor.ann.node_id)
+            moved_to = await self._successor_by_asking()
+        if moved_to is not None:
+            await self.step_down(moved_to)
             return
         for node in self.dispatch.idle_workers(keep=self.replication.replicas):
             if self.half is None or not self.half.wants(node):
@@ -650,14 +658,8 @@ class CoordinatorCE:
             return
         self.refused[node] = time.monotonic()
         log.info("CE %s: %s refused: %s", self.ce, rec.ann.host, reply.body.get("reason"))
-        moved = reply.body.get("moved_to")
-        if isinstance(moved, dict):
-            try:
-                epoch, by = int(moved["epoch"]), str(moved["coordinator"])
-            except (KeyError, TypeError, ValueError):
-                return
-            if supersedes(epoch, by, self.epoch, self.daemon.node_id):
-                self._moved_to = by
+        with contextlib.suppress(TypeError, ValueError):
+            self._moved_to = self._successor_in(reply.body.get("moved_to")) or self._moved_to
 
     # -------------------------------------------------------------- results --
 

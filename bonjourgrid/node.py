@@ -395,6 +395,7 @@ class NodeDaemon:
             "recruit": self._on_recruit,
             "submit": self._on_submit,
             "job": self._on_job,
+            "epoch": lambda r: self._epoch_of(self.machine.state.newest(str(r.body.get("ce", "")))),
             "jobs": lambda r: {"jobs": jobs.list_jobs(self)},
             "heard": lambda r: answer_heard(self, r.body),
             "cancel": self._on_cancel,
@@ -423,13 +424,18 @@ class NodeDaemon:
         actions = await self.feed(ns.Recruit(ce, req.sender, req.epoch, lease, time.monotonic()))
         for a in actions:
             if isinstance(a, ns.Refused):
-                moved = {"moved_to": {"epoch": a.moved_to[0], "coordinator": a.moved_to[1] or self.node_id}} \
-                    if a.moved_to else {}
+                moved = {"moved_to": self._epoch_of(a.moved_to)} if a.moved_to else {}
                 return {"accepted": False, "reason": a.reason, **moved}
         if self.worker is None or self.worker.ce != ce:
             self.worker = WorkerCE(self, ce, req.epoch, req.sender, lease, bus, data, config)
             self.worker.start()
         return {"accepted": True, "slots": self.worker.slots}
+
+    def _epoch_of(self, known: tuple[int, str] | None) -> dict[str, object]:
+        """The newest epoch and coordinator this node knew of a CE, for a coordinator that may have been replaced."""
+        if known is None:
+            return {"epoch": 0, "coordinator": None}
+        return {"epoch": known[0], "coordinator": known[1] or self.node_id}
 
     async def _on_submit(self, req: Envelope) -> dict[str, object]:
         return await jobs.submit(self, req.body)

@@ -192,6 +192,10 @@ class NodeState:
     # Idle: a coordinator that froze and thawed after its successor finished must not recruit again.
     known: tuple[tuple[str, int, str], ...] = ()
 
+    def newest(self, ce: str) -> tuple[int, str] | None:
+        """(epoch, coordinator; "" for this node) of `ce` as this node last knew it."""
+        return next(((epoch, by) for c, epoch, by in self.known if c == ce), None)
+
     def service(self) -> Publish | None:
         """The one service this state publishes, or None."""
         if self.stopped or (self.role is Role.IDLE and self.owner_busy):
@@ -250,7 +254,7 @@ def _owner_free(s: NodeState, e: OwnerFree) -> tuple[NodeState, list[Action]]:
 
 
 def _recruit(s: NodeState, e: Recruit) -> tuple[NodeState, list[Action]]:
-    newer = _known(s, e.ce)
+    newer = s.newest(e.ce)
     if newer is not None and newer[0] > e.epoch:
         epoch, by = newer
         who = f"coordinator {by[:8]}" if by else "this node coordinated it"
@@ -322,13 +326,9 @@ def _idle(s: NodeState) -> NodeState:
     return NodeState(owner_busy=s.owner_busy, known=s.known)
 
 
-def _known(s: NodeState, ce: str) -> tuple[int, str] | None:
-    return next(((epoch, by) for c, epoch, by in s.known if c == ce), None)
-
-
 def _remember(s: NodeState, ce: str, epoch: int, coordinator: str) -> NodeState:
     """The newest epoch of `ce` first; at most KNOWN_CES of them (a CE id is never reused)."""
-    old = _known(s, ce)
+    old = s.newest(ce)
     if old is not None and (old[0] > epoch or old == (epoch, coordinator)):
         return s
     rest = tuple(k for k in s.known if k[0] != ce)

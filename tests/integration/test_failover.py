@@ -232,9 +232,9 @@ def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp
 
 
 def test_a_coordinator_that_thaws_after_its_successor_finished_does_not_run_the_job_again(grid, tmp_path):
-    """Its successor finished the job and was then switched off: nobody announces the CE and nobody
-    can answer for it. The desktops it recruits again remember the newer epoch and refuse; the
-    thawed coordinator steps down instead of running the rest of the job a second time."""
+    """Its successor finished the job and was then switched off: nobody announces the CE. The
+    desktop that worked for both remembers the newer epoch (asked, or recruited again, it says so),
+    and the thawed coordinator steps down instead of running the rest of the job a second time."""
     _, nodes = started(grid, 3, *FAST)
     res = tmp_path / "res"
     sub = sweep(nodes[0], res, 300)
@@ -250,9 +250,7 @@ def test_a_coordinator_that_thaws_after_its_successor_finished_does_not_run_the_
     finally:
         nodes[0].proc.signal(signal.SIGCONT)
     wait_for(lambda: "stepping down" in nodes[0].proc.output(), 30, 0.3, "the thawed coordinator to step down")
-    log = nodes[0].proc.output()
-    assert "moved to epoch 2" in log  # refused by the desktop it asked again
-    assert "job sleep-0 done" not in log  # the job ended once, on its successor
+    assert "job sleep-0 done" not in nodes[0].proc.output()  # the job ended once, on its successor
     # It asks the grid: the other desktop's replica of the successor's journal says how the job ended.
     status = json.loads(nodes[0].cli("status", "--json", last_summary(sub)["job"]).stdout)
     assert (status["state"], status["tasks_done"]) == ("done", 300), status
