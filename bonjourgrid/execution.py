@@ -16,7 +16,9 @@ Process runtime caveats (documented, not bugs):
   the limit is set to "this user's current task count + max_processes".  Root ignores it, so
   when the worker runs as root the process runtime cannot bound processes (docker can).
 * ``cpus`` is informative for processes (nothing is pinned); docker gets ``nano_cpus``.
-* A task that calls setsid() itself leaves our process group and escapes the group kill.
+* A task that calls setsid() itself leaves our process group and escapes the group kill; the
+  spawner, the tasks' subreaper, kills it within half a second of the task's end (spawner.py).
+  Processes that clear their environment (how they are matched to their task) wait until no task runs.
 * An exit by signal gives a negative ``exit_code`` (-9 for SIGKILL), as with Popen.  When we
   killed it (timeout, cancel) ``exit_code`` is None.  Docker reports 128+N for a signal instead.
 """

@@ -11,6 +11,13 @@ Only the standard library: it runs as `python -I -S spawner.py`. Protocol, one J
 line: requests on stdin (`run`, `cancel`), replies on stdout (one per `run`, by `id`). When
 stdin closes (the worker went away) every task's process group is killed and the spawner exits.
 
+What a task leaves behind ends with it. Its process group is killed when its main process exits;
+a process that left the group (setsid, a daemon's double fork) is reparented to the spawner, its
+subreaper, and killed at the next sweep once its task has ended: a desktop's owner gets the machine
+back with nothing of the grid still running. Each task's environment carries its request id
+(`BONJOURGRID_SPAWN`) so that what escaped is matched to its task; one that cleared its
+environment is killed when no task runs.
+
 A `run` may name a queue and its slots (`"queue": ["ce-id", 2]`): it then starts only when fewer
 than that many of the queue's tasks run, and the next one starts here the moment a task exits.
 The worker hands over a task ahead for each slot, so a slot does not sit idle while a task's end
@@ -33,11 +40,70 @@ from dataclasses import dataclass, field
 from typing import Any
 
 READ_CHUNK = 64 << 10
+PR_SET_CHILD_SUBREAPER = 36
+SPAWN_TAG = "BONJOURGRID_SPAWN"
+SWEEP_EVERY_S = 0.5
 
 
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _become_subreaper() -> bool:
+    """Orphans of our tasks' escaped processes come to us, not to init (Linux 3.4 and later)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> list[int]:
+    """Our direct children: the tasks' main processes and what escaped them."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look at every process's parent
+        pass
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+                if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
+                    found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _spawn_tag(pid: int) -> int | None:
+    """The request id in the process's environment: which task it came from."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return None
+    prefix = SPAWN_TAG.encode() + b"="
+    for item in env.split(b"\0"):
+        if item.startswith(prefix):
+            try:
+                return int(item[len(prefix):])
+            except ValueError:
+                return None
+    return None
+
+
+def _kill_escaped(pid: int) -> None:
+    """SIGKILL it, and its group if it made its own (its descendants then come to us in turn)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
 
 
 class Capture:
@@ -127,6 +193,7 @@ class Spawner:
         self.waiting: dict[str, deque[_Run]] = {}  # queue -> requests not started yet
         self.running_in: dict[str, int] = {}  # queue -> its tasks whose process has not exited
         self.unsent: list[bytes] = []
+        self.sweep_at: float | None = None  # when to look for what escaped ended tasks
 
     def send(self, msg: dict[str, Any]) -> None:
         """Queued until the end of this round of events: tasks that end together are one write."""
@@ -170,8 +237,9 @@ class Spawner:
     def start(self, run: _Run) -> None:
         argv, now = run.argv, time.time()
         try:
-            proc = subprocess.Popen(argv, cwd=run.cwd, env=run.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(argv, cwd=run.cwd, env={**run.env, SPAWN_TAG: str(run.id)},
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
         except FileNotFoundError:
             return self._failed(run.id, f"no such program: {argv[0]!r} (PATH={run.env.get('PATH', '')})", now)
         except PermissionError:
@@ -222,6 +290,8 @@ class Spawner:
             # The attempt ends with its main process: stragglers in the group would hold the pipes open.
             _killpg(t.proc.pid, signal.SIGKILL)
             t.drain_until = time.monotonic() + t.grace
+            if self.sweep_at is None:  # and what left the group, once it has had the time to
+                self.sweep_at = time.monotonic() + SWEEP_EVERY_S
         else:
             try:
                 chunk = os.read(key.fd, READ_CHUNK)
@@ -241,6 +311,8 @@ class Spawner:
             self.send(t.reply())
 
     def on_time(self, now: float) -> None:
+        if self.sweep_at is not None and now >= self.sweep_at:
+            self.sweep_at = now + SWEEP_EVERY_S if self.sweep() else None
         for t in list(self.tasks.values()):
             if t.ended is None and t.deadline is not None and now >= t.deadline and t.kill_at is None:
                 self.stop(t.id, cancel=False)
@@ -256,9 +328,31 @@ class Spawner:
                 t.open_pipes = 0
                 self._maybe_done(t)
 
+    def sweep(self, everything: bool = False) -> bool:
+        """Kill what escaped a task that has ended (all of it with `everything`) and reap what died.
+
+        True while something is left to look at again: escaped processes of running tasks, or
+        ones just killed, whose own escaped children come to us next."""
+        running = {t.id: t.proc.pid for t in self.tasks.values() if t.ended is None}
+        leaders = set(running.values())
+        again = False
+        for pid in _children():
+            if pid in leaders:
+                continue
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    continue  # it had died: reaped now
+            except ChildProcessError:
+                continue
+            tag = _spawn_tag(pid)
+            if everything or (tag not in running if tag is not None else not running):
+                _kill_escaped(pid)
+            again = True
+        return again
+
     def next_wakeup(self) -> float | None:
-        """Seconds until the next timeout, SIGKILL or end of draining, if any."""
-        times = []
+        """Seconds until the next timeout, SIGKILL, end of draining or sweep, if any."""
+        times = [self.sweep_at] if self.sweep_at is not None else []
         for t in self.tasks.values():
             if t.ended is None:
                 if t.kill_at is not None:
@@ -308,6 +402,9 @@ class Spawner:
             if not self.stdin_open and self.tasks:
                 for t in self.tasks.values():
                     _killpg(t.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0  # the worker left: nothing of ours outlives the spawner
+        while self.sweep(everything=True) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
@@ -318,6 +415,7 @@ def main() -> None:
     # The worker decides when we stop (by closing stdin), not a Ctrl-C in the node's terminal. A
     # handler, not SIG_IGN: an ignored signal stays ignored in every task we exec, a handler does not.
     signal.signal(signal.SIGINT, _ignore_signal)
+    _become_subreaper()
     Spawner(sys.stdout.buffer).run(sys.stdin.fileno())
 
 

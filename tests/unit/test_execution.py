@@ -205,6 +205,61 @@ def test_background_leftovers_are_killed_when_main_exits(tmp_path: Path) -> None
     assert _wait_gone(_read_pids(tmp_path / "pids", 1))
 
 
+# A daemon's double fork: the grandchild leaves the task's session and group, and its parent exits.
+_ESCAPE = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n" \
+          "        os.close(1); os.close(2)\n        open('pids', 'a').write(f'{os.getpid()} ')\n" \
+          "        time.sleep(300)\n    os._exit(0)\nos.wait()\n"
+
+
+def test_a_process_that_escaped_its_task_ends_soon_after_the_task(tmp_path: Path) -> None:
+    """setsid leaves the group the spawner kills; as the tasks' subreaper, the spawner still ends it.
+    The executor stays open: this is the task's end, not the worker leaving."""
+    async def scenario() -> TaskOutcome:
+        ex = Executor(kill_grace_s=0.5)
+        try:
+            out = await ex.run(TaskRun("esc", (PY, "-c", _ESCAPE), {}, tmp_path, (), Limits()))
+            pid = (await asyncio.to_thread(_read_pids, tmp_path / "pids", 1))[0]
+            assert await asyncio.to_thread(_wait_gone, [pid])
+            return out
+        finally:
+            ex.close()
+
+    assert asyncio.run(scenario()).exit_code == 0
+
+
+def test_what_escaped_a_running_task_lives_as_long_as_the_task(tmp_path: Path) -> None:
+    """A task may start a helper with setsid and use it: it is killed with the task, not before."""
+    script = _ESCAPE.replace("os.wait()\n", "os.wait()\nimport time; time.sleep(2)\n")
+
+    async def scenario() -> None:
+        ex = Executor(kill_grace_s=0.5)
+        try:
+            task = asyncio.create_task(ex.run(TaskRun("helper", (PY, "-c", script), {}, tmp_path, (), Limits())))
+            pid = (await asyncio.to_thread(_read_pids, tmp_path / "pids", 1))[0]
+            await asyncio.sleep(1.2)  # two sweeps of the spawner while the task still runs
+            assert not _gone(pid)
+            assert (await task).exit_code == 0
+            assert await asyncio.to_thread(_wait_gone, [pid])
+        finally:
+            ex.close()
+
+    asyncio.run(scenario())
+
+
+def test_what_escaped_ends_when_the_worker_leaves(tmp_path: Path) -> None:
+    script = _ESCAPE.replace("os.wait()\n", "os.wait()\nimport time; time.sleep(60)\n")
+
+    async def scenario() -> None:
+        ex = Executor(kill_grace_s=0.5)
+        task = asyncio.create_task(ex.run(TaskRun("long", (PY, "-c", script), {}, tmp_path, (), Limits())))
+        await asyncio.to_thread(_read_pids, tmp_path / "pids", 1)
+        ex.close()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
+    assert _wait_gone(_read_pids(tmp_path / "pids", 1))
+
+
 def test_executor_cancel_returns_cancelled_outcome(tmp_path: Path) -> None:
     async def scenario() -> TaskOutcome:
         ex = Executor(kill_grace_s=0.5)
