@@ -239,6 +239,10 @@ def node(
                             "copies held as a replica, exported results, work directories) once untouched; "
                             "0 keeps them forever. Jobs submitted here are never removed.", min=0)
     ] = 7.0,
+    task_nice: Annotated[
+        int, typer.Option(help="Niceness of the grid's tasks, 0-19: the owner's programs get the CPU first, "
+                          "before the owner policy has seen them (BOINC uses 19).", min=0, max=19)
+    ] = 10,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the node daemon in the foreground: announce this desktop and lend it to the grid."""
@@ -255,7 +259,7 @@ def node(
                          OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)
     config.broker_url, config.ce_broker = broker, ce_broker
     config.failover_timeout_s, config.lease_s = failover_timeout, lease
-    config.keep_copies_s = keep_copies * 86400
+    config.keep_copies_s, config.task_nice = keep_copies * 86400, task_nice
     try:
         daemon = NodeDaemon(config)
         asyncio.run(daemon.run())

@@ -210,6 +210,11 @@ def _program_problem(program: str, path: str, cwd: Path) -> str | None:
     return None
 
 
+def _cpu_shares(nice: int) -> int:
+    """A container's CPU weight as the scheduler weighs a process of that niceness (1024 at 0, 1.25x a step)."""
+    return max(2, round(1024 / 1.25 ** nice))
+
+
 def _limited_argv(argv: tuple[str, ...], table: list[tuple[int, str, int]]) -> tuple[tuple[str, ...], Any]:
     """(argv, preexec_fn) that start `argv` (the spawner) with the rlimits already in force.
 
@@ -257,7 +262,9 @@ class Executor:
         docker_timeout_s: float = 10.0,
         docker_check_ttl_s: float = 30.0,
         max_docker_threads: int = 32,
+        task_nice: int = 0,
     ) -> None:
+        self._task_nice = task_nice
         self._docker_factory = docker_client_factory or self._default_docker_factory
         self._kill_grace_s = kill_grace_s
         self._docker_timeout_s = docker_timeout_s
@@ -411,7 +418,7 @@ class Executor:
         table = _limit_table(limits.memory_bytes, limits.max_open_files, limits.max_file_bytes,
                              self._nproc_limit(limits.max_processes))
         argv, preexec = _limited_argv((), table)
-        client = self._spawners[key] = SpawnerClient(argv, preexec)
+        client = self._spawners[key] = SpawnerClient(argv, preexec, self._task_nice)
         return client
 
     async def _run_process(self, run: TaskRun, cancel: _CancelRequest) -> TaskOutcome:
@@ -494,8 +501,7 @@ class Executor:
         self._docker_client, self._docker_error, self._docker_checked_at = client, None, now
         return client, None
 
-    @staticmethod
-    def _container_kwargs(run: TaskRun) -> dict[str, Any]:
+    def _container_kwargs(self, run: TaskRun) -> dict[str, Any]:
         import docker.types
 
         limits = run.limits
@@ -512,6 +518,7 @@ class Executor:
             "mem_limit": limits.memory_bytes,
             "memswap_limit": limits.memory_bytes,  # no swap on top of the limit
             "nano_cpus": int(limits.cpus * 1_000_000_000),
+            "cpu_shares": _cpu_shares(self._task_nice),
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],

@@ -68,6 +68,7 @@ class NodeConfig:
     lease_s: float = 30.0  # workers of our CEs go back to Idle after this long without us
     failover_timeout_s: float = 1.0  # our workers suspect us after this long without a heartbeat
     keep_copies_s: float = retention.DEFAULT_KEEP_S  # other jobs' leftovers on our disk (0: keep forever)
+    task_nice: int = 10  # grid tasks give way to the owner's programs at once, before the owner policy acts
     run_queue: bool = True  # start the jobs queued here; `submit`'s temporary node, there for one job, does not
 
 
@@ -159,7 +160,7 @@ class NodeDaemon:
     def task_executor(self) -> Executor:
         """The node's task executor, shared by its CEs one after the other (warm spawners, one docker client)."""
         if self._executor is None:
-            self._executor = Executor()
+            self._executor = Executor(task_nice=self.config.task_nice)
         return self._executor
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -7,7 +7,7 @@ started once per set of limits, through `prlimit`, so every task it starts inher
 plain vfork+exec; and the worker's event loop no longer carries the pipes and exit watching of
 every task, which run here, on the other core.
 
-Only the standard library: it runs as `python -I -S spawner.py`. Protocol, one JSON object per
+Only the standard library: it runs as `python -I -S spawner.py NICENESS`. Protocol, one JSON object per
 line: requests on stdin (`run`, `cancel`), replies on stdout (one per `run`, by `id`). When
 stdin closes (the worker went away) every task's process group is killed and the spawner exits.
 
@@ -415,6 +415,9 @@ def main() -> None:
     # The worker decides when we stop (by closing stdin), not a Ctrl-C in the node's terminal. A
     # handler, not SIG_IGN: an ignored signal stays ignored in every task we exec, a handler does not.
     signal.signal(signal.SIGINT, _ignore_signal)
+    if len(sys.argv) > 1 and int(sys.argv[1]) > 0:  # never below the niceness the worker itself runs at
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, max(int(sys.argv[1]), os.getpriority(os.PRIO_PROCESS, 0)))
     _become_subreaper()
     Spawner(sys.stdout.buffer).run(sys.stdin.fileno())
 
@@ -438,12 +441,14 @@ class SpawnerClient:
     spawner is told to stop (it then kills what still runs), and nothing else needs closing.
     """
 
-    def __init__(self, argv: tuple[str, ...], preexec: Any) -> None:
-        """Starts the spawner now (so that concurrent first tasks share it); `submit` waits for the pipes."""
+    def __init__(self, argv: tuple[str, ...], preexec: Any, nice: int = 0) -> None:
+        """Starts the spawner now (so that concurrent first tasks share it); `submit` waits for the pipes.
+
+        `nice`: the spawner's niceness, which every task inherits."""
         import asyncio
 
         self.loop = asyncio.get_running_loop()
-        self.popen = subprocess.Popen([*argv, sys.executable, "-I", "-S", os.path.abspath(__file__)],
+        self.popen = subprocess.Popen([*argv, sys.executable, "-I", "-S", os.path.abspath(__file__), str(nice)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=preexec)
         self.reader = asyncio.StreamReader(limit=16 << 20)  # a reply holds two capped, base64-encoded streams
         self.writer: Any = None

@@ -125,6 +125,17 @@ def test_env_is_minimal_plus_task_env(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "PATH" in env and "LANG" in env
 
 
+def test_tasks_run_at_the_executors_niceness(tmp_path: Path) -> None:
+    """A desktop's owner gets the CPU first: the grid's tasks and what they start run niced."""
+    child = "['sh', '-c', 'cut -d\" \" -f19 /proc/$$/stat']"  # a process the task starts: field 19 is its nice
+    script = f"import os, subprocess; print(os.getpriority(os.PRIO_PROCESS, 0))\n" \
+             f"print(subprocess.run({child}, capture_output=True, text=True).stdout)"
+    out = _run(tmp_path, [PY, "-c", script], executor=None)
+    assert out.stdout.split() == [b"0", b"0"]
+    niced = _run(tmp_path, [PY, "-c", script], Executor(kill_grace_s=0.5, task_nice=7))
+    assert niced.stdout.split() == [b"7", b"7"], niced
+
+
 def test_cwd_is_the_sandbox(tmp_path: Path) -> None:
     (tmp_path / "input.txt").write_text("staged\n")
     out = _run(tmp_path, ["cat", "input.txt"])
