@@ -166,3 +166,22 @@ def test_asyncio_cancel_removes_container(docker_image: str, executor: Executor,
 
     asyncio.run(scenario())
     assert _leftover_containers() == []
+
+
+def test_a_niced_executor_gives_its_containers_a_low_cpu_weight(docker_image: str, tmp_path: Path) -> None:
+    """The owner's programs come first in a container too: weight 5 of cgroup v2's 1-10000 (docker
+    converts cpu_shares 110, the weight of nice 10, to it), where an executor at 0 gets the default."""
+    script = "cat /sys/fs/cgroup/cpu.weight 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.shares"
+    niced = Executor(kill_grace_s=1.0, task_nice=10)
+    try:
+        low = _run(niced, tmp_path, script, docker_image)
+    finally:
+        niced.close()
+    plain = Executor(kill_grace_s=1.0)
+    try:
+        default = _run(plain, tmp_path, script, docker_image)
+    finally:
+        plain.close()
+    assert low.ok and default.ok, (low, default)
+    assert int(low.stdout) < int(default.stdout), (low.stdout, default.stdout)
+    assert int(low.stdout) in (5, 110), low.stdout  # cgroup v2 weight, or v1 shares
