@@ -154,6 +154,7 @@ class OwnerSpec:
     cpu: float = 25.0
     busy_after: float = 60.0
     free_after: float = 300.0
+    disk_reserve: str = "2G"
 
 
 def node_config(key_file: Path | None, grid: str, state_dir: Path | None, interface: str | None,
@@ -169,7 +170,14 @@ def node_config(key_file: Path | None, grid: str, state_dir: Path | None, interf
         raise fail(f"--cpus {cpus}: this machine has {machine_cpus}")
     try:
         memory_mib = parse_size(memory) >> 20 if memory else default_memory_mib()
-        policy = OwnerPolicy(owner.cpu, owner.busy_after, owner.free_after)
+    except ValueError as e:
+        raise fail(f"--memory: {e}") from None
+    try:
+        disk_reserve = parse_size(owner.disk_reserve)
+    except ValueError as e:
+        raise fail(f"--disk-reserve: {e}") from None
+    try:
+        policy = OwnerPolicy(owner.cpu, owner.busy_after, owner.free_after, disk_reserve)
     except ValueError as e:
         raise fail(str(e)) from None
     config = NodeConfig(
@@ -214,6 +222,10 @@ def node(
     owner_free_after: Annotated[
         float, typer.Option(help="Come back after the owner's use stayed below the threshold this long (s).", min=0)
     ] = 300.0,
+    disk_reserve: Annotated[
+        str, typer.Option(help="Owner policy: free space kept on the disk of the state directory, e.g. 2G; "
+                          "below it the node leaves the grid at once (tasks go elsewhere). 0 turns it off.")
+    ] = "2G",
     sample_interval: Annotated[float, typer.Option(help="Seconds between load samples.", min=0.1)] = 2.0,
     announce_interval: Annotated[
         float, typer.Option(help="Minimum seconds between resource re-announcements.", min=0.0)
@@ -256,7 +268,8 @@ def node(
         raise fail(f"--ce-broker mosquitto: {problem}")
     setup_logging(log_level)
     config = node_config(key_file, grid, state_dir, interface, cpus, memory, tag, port, name,
-                         OwnerSpec(owner_cpu, owner_busy_after, owner_free_after), sample_interval, announce_interval)
+                         OwnerSpec(owner_cpu, owner_busy_after, owner_free_after, disk_reserve), sample_interval,
+                         announce_interval)
     config.broker_url, config.ce_broker = broker, ce_broker
     config.failover_timeout_s, config.lease_s = failover_timeout, lease
     config.keep_copies_s, config.task_nice = keep_copies * 86400, task_nice

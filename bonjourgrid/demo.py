@@ -35,7 +35,8 @@ def run_demo(n_nodes: int, workdir: Path, console: Console, keep: float = 0.0) -
             nodes = []
             for h in tb.hosts:
                 argv = bonjourgrid_argv("node", "--key-file", str(key), "--state-dir", str(workdir / h.name),
-                                        "--name", f"desk{h.index}", "--owner-cpu", "100")
+                                        "--name", f"desk{h.index}", "--owner-cpu", "100",
+                                        "--disk-reserve", "256M")
                 nodes.append((h, h.spawn(argv, "node")))
                 console.print(f"started node [bold]desk{h.index}[/] on {h.ip} (namespace {h.netns})")
             t0 = time.monotonic()

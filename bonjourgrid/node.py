@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -267,12 +268,16 @@ class NodeDaemon:
     async def _sample_once(self) -> None:
         now = time.monotonic()
         self.resources, owner_cpu = self.probe.sample(now, self.busy_slots)
-        verdict = self.monitor.observe(now, owner_cpu)
+        try:
+            free_disk: int | None = shutil.disk_usage(self.config.state_dir).free
+        except OSError:
+            free_disk = None
+        verdict = self.monitor.observe(now, owner_cpu, free_disk)
         if verdict is True:
-            log.info("owner busy (%.0f%% CPU outside the grid): leaving the grid", owner_cpu)
+            log.warning("the owner needs this machine (%s): leaving the grid", self.monitor.reason)
             await self.feed(ns.OwnerBusy())
         elif verdict is False:
-            log.info("owner idle again (%.0f%% CPU): offering this node", owner_cpu)
+            log.info("the owner's use is low again (%s): offering this node", self.monitor.reason)
             await self.feed(ns.OwnerFree())
         await self.feed(ns.Tick(now))
         if self.throttle.should_announce(self.resources, now):

@@ -109,8 +109,10 @@ class Grid:
         argv = bonjourgrid_argv(
             "node", "--key-file", str(key), "--grid", grid, "--state-dir", str(state_dir), "--name", host.name,
             "--sample-interval", "0.5", "--log-level", "debug",
-            # tests load the machine: no owner policy unless a test asks for one
-            *(args if "--owner-cpu" in args else ("--owner-cpu", "100", *args)),
+            # tests load the machine and fill small disks: no owner policy unless a test asks for one
+            *(() if "--owner-cpu" in args else ("--owner-cpu", "100")),
+            *(() if "--disk-reserve" in args else ("--disk-reserve", "0")),
+            *args,
         )
         node = GridNode(host, host.spawn(argv, f"node-{grid}"), state_dir, key, grid)
         if wait:

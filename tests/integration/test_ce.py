@@ -256,6 +256,23 @@ def test_a_worker_whose_owner_comes_back_gives_its_tasks_back(grid, tmp_path):
     wait_for(lambda: nodes[0].sees().get("host3") == "idle", 30, 0.2, "host3 back once its owner is done")
 
 
+def test_a_worker_whose_disk_falls_below_the_owners_reserve_leaves_and_comes_back(grid, tmp_path):
+    """A task that fills the lent desktop's disk: the node leaves the CE at the next sample, its
+    tasks run elsewhere, and it is lent again once the space has come back for a while."""
+    g = grid(3)
+    h = g.testbed.hosts
+    with small_disk(tmp_path / "host3-default-state", "96m"):  # where Grid.start puts host3's state
+        nodes = [g.start(h[0]), g.start(h[1], "--cpus", "1"),
+                 g.start(h[2], "--cpus", "1", "--disk-reserve", "40M", "--owner-free-after", "1")]
+        wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+        code, summary, out = submit(nodes[0], "--tasks", "6", "--", "sh", "-c",
+                                    "head -c 64000000 /dev/zero > big; sleep 1; rm big; echo {i}")
+        assert code == 0, out[-3000:]
+        assert (summary["state"], summary["tasks_done"], summary["tasks_failed"]) == ("done", 6, 0), summary
+        assert "below the 40M kept for the owner): leaving the grid" in nodes[2].proc.output()
+        wait_for(lambda: nodes[0].sees().get("host3") == "idle", 30, 0.2, "host3 lent again")
+
+
 def test_failing_task_is_retried_then_reported_with_its_stderr(grid, tmp_path):
     g = grid(3)
     nodes = g.start_all()

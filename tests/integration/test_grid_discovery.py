@@ -64,7 +64,7 @@ def test_owner_busy_node_leaves_idle_and_comes_back(grid):
                for i in range(os.cpu_count() or 1)]
     try:
         wait_for(lambda: "host2" not in watcher.sees(), 30, 0.2, "host2 to withdraw")
-        assert "owner busy" in busy.proc.output()
+        assert "the owner needs this machine (" in busy.proc.output()
     finally:
         for b in burners:
             b.kill()

@@ -27,3 +27,27 @@ def test_threshold_100_disables_the_policy():
 def test_bad_policies_are_refused(kw):
     with pytest.raises(ValueError):
         OwnerPolicy(**kw)
+
+
+def test_a_disk_below_the_reserve_is_the_owners_at_once_and_lendable_after_free_after():
+    mon = OwnerMonitor(OwnerPolicy(cpu_threshold=100, free_after=30, disk_reserve=1000))
+    assert mon.observe(0, 0, 5000) is None
+    assert mon.observe(1, 0, 999) is True and "below the 1000B kept for the owner" in mon.reason
+    assert mon.observe(10, 0, 5000) is None  # back above: not yet
+    assert mon.observe(20, 0, 900) is None  # below again: the wait starts over
+    assert mon.observe(30, 0, 5000) is None
+    assert mon.observe(59, 0, 5000) is None
+    assert mon.observe(60, 0, 5000) is False
+
+
+def test_the_machine_is_lendable_only_when_both_cpu_and_disk_say_so():
+    mon = OwnerMonitor(OwnerPolicy(cpu_threshold=25, busy_after=0, free_after=0, disk_reserve=1000))
+    assert mon.observe(0, 90, 5000) is True  # the CPU
+    assert mon.observe(1, 90, 10) is None  # and the disk
+    assert mon.observe(2, 5, 10) is None  # the CPU is free again, the disk is not
+    assert mon.observe(3, 5, 5000) is False
+
+
+def test_a_reserve_of_zero_or_no_disk_sample_turns_the_disk_rule_off():
+    assert OwnerMonitor(OwnerPolicy(cpu_threshold=100, disk_reserve=0)).observe(0, 0, 0) is None
+    assert OwnerMonitor(OwnerPolicy(cpu_threshold=100)).observe(0, 0, None) is None
