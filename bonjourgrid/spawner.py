@@ -411,10 +411,22 @@ def _ignore_signal(signum: int, frame: object) -> None:
     pass
 
 
+def _default_signals_for_tasks() -> None:
+    """An ignored signal stays ignored in every program we exec; a handler does not. So what the
+    node ignores (SIGINT and SIGQUIT when a script started it in the background, SIGHUP under
+    nohup) and the terminal's Ctrl-C and Ctrl-\\ are caught here by a handler that does nothing:
+    the worker decides when we stop, by closing stdin, and the tasks start at the defaults.
+    Python's own SIGPIPE and SIGXFSZ are reset by Popen itself."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if sig in (signal.SIGINT, signal.SIGQUIT) or signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else _ignore_signal)
+
+
 def main() -> None:
-    # The worker decides when we stop (by closing stdin), not a Ctrl-C in the node's terminal. A
-    # handler, not SIG_IGN: an ignored signal stays ignored in every task we exec, a handler does not.
-    signal.signal(signal.SIGINT, _ignore_signal)
+    _default_signals_for_tasks()
     if len(sys.argv) > 1 and int(sys.argv[1]) > 0:  # never below the niceness the worker itself runs at
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, max(int(sys.argv[1]), os.getpriority(os.PRIO_PROCESS, 0)))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -152,6 +153,19 @@ def test_a_task_starts_with_default_signals_null_stdin_and_no_stray_descriptors(
     assert sorted(lines[3:]) == ["0", "1", "2", "3"]  # 3: the directory `ls` reads
     piped = _run(tmp_path, ["sh", "-c", "yes | head -n 1"])
     assert piped.ok and piped.stdout == b"y\n" and piped.stderr == b""
+
+
+def test_a_task_starts_with_default_signals_even_when_the_node_ignores_some(tmp_path: Path) -> None:
+    """A node started in the background of a script ignores SIGINT and SIGQUIT, one under nohup
+    SIGHUP; its tasks must not inherit that (found when CI ran the suite as a background job)."""
+    ignored = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+    try:
+        out = _run(tmp_path, ["grep", "SigIgn", "/proc/self/status"])
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert out.stdout.split() == [b"SigIgn:", b"0000000000000000"]
 
 
 def test_a_relative_program_is_found_in_the_sandbox(tmp_path: Path) -> None:
