@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 import json
 import os
-import subprocess
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
