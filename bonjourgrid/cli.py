@@ -326,12 +326,22 @@ def _table(status: dict[str, object], source: str) -> Table:
             f"{n['free_slots']}/{n['cpus']}", format_size(n["memory"]), f"{n['load']:.2f}",
             ",".join(n["caps"]), f"{n['age']:.0f}s",
         )
+    notes = [note] if (note := _not_lent(status)) else []
     ignored = status.get("ignored") or {}
     if ignored:
         assert isinstance(ignored, dict)
         total = sum(ignored.values())
-        table.caption = f"ignored {total} service(s): " + ", ".join(f"{k} {v}" for k, v in sorted(ignored.items()))
+        notes.append(f"ignored {total} service(s): " + ", ".join(f"{k} {v}" for k, v in sorted(ignored.items())))
+    table.caption = "\n".join(notes) or None
     return table
+
+
+def _not_lent(status: dict[str, object]) -> str | None:
+    """Why the local node is missing from its own table: its owner policy took it out of the grid."""
+    if not status.get("owner_busy") or status.get("state") != "idle":
+        return None
+    host, reason = status.get("host"), status.get("owner_reason")
+    return f"this node ({host}) is not lent to the grid: the owner needs it ({reason})"
 
 
 @app.command()
@@ -378,6 +388,8 @@ def nodes(
     if as_json:
         print(json.dumps(status["nodes"], indent=2))
         err.print(f"source: {source}", highlight=False, soft_wrap=True)
+        if note := _not_lent(status):
+            err.print(note, highlight=False, soft_wrap=True)
         ignored = status.get("ignored") or {}
         if ignored:
             err.print(f"ignored: {json.dumps(ignored)}", highlight=False, soft_wrap=True)

@@ -362,6 +362,7 @@ class NodeDaemon:
             "grid": self.config.grid,
             "state": s.role.value,
             "owner_busy": s.owner_busy,
+            "owner_reason": self.monitor.reason if s.owner_busy else "",
             "ce": s.ce,
             "epoch": s.epoch,
             "port": self.port,

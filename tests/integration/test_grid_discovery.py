@@ -65,6 +65,10 @@ def test_owner_busy_node_leaves_idle_and_comes_back(grid):
     try:
         wait_for(lambda: "host2" not in watcher.sees(), 30, 0.2, "host2 to withdraw")
         assert "the owner needs this machine (" in busy.proc.output()
+        # and its own `nodes` says why it is missing from the table
+        shown = " ".join(busy.cli("nodes").stdout.split())  # the table's caption, folded to the terminal
+        assert "this node (host2) is not lent to the grid: the owner needs it (" in shown, shown
+        assert "% CPU outside the grid)" in shown, shown
     finally:
         for b in burners:
             b.kill()
