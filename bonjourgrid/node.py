@@ -201,6 +201,9 @@ class NodeDaemon:
         node_file = cfg.state_dir / NODE_FILE
         try:
             self.resources, _ = self.probe.sample(time.monotonic())
+            if self.monitor.observe(time.monotonic(), 0.0, self._free_disk()):  # out before it is ever seen
+                log.warning("the owner needs this machine (%s): not lending it", self.monitor.reason)
+                await self.feed(ns.OwnerBusy())
             await self._execute(self.machine.start())
             self.throttle.announced(self.resources, time.monotonic())
             await browser.start()
@@ -265,14 +268,17 @@ class NodeDaemon:
                 log.exception("cleaning up old copies failed")
             await asyncio.sleep(retention.PRUNE_EVERY_S)
 
+    def _free_disk(self) -> int | None:
+        """Free bytes where tasks run and write (the owner policy's disk reserve)."""
+        try:
+            return shutil.disk_usage(self.config.state_dir).free
+        except OSError:
+            return None
+
     async def _sample_once(self) -> None:
         now = time.monotonic()
         self.resources, owner_cpu = self.probe.sample(now, self.busy_slots)
-        try:
-            free_disk: int | None = shutil.disk_usage(self.config.state_dir).free
-        except OSError:
-            free_disk = None
-        verdict = self.monitor.observe(now, owner_cpu, free_disk)
+        verdict = self.monitor.observe(now, owner_cpu, self._free_disk())
         if verdict is True:
             log.warning("the owner needs this machine (%s): leaving the grid", self.monitor.reason)
             await self.feed(ns.OwnerBusy())

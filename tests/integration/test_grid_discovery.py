@@ -76,6 +76,20 @@ def test_owner_busy_node_leaves_idle_and_comes_back(grid):
     assert busy.proc.alive()
 
 
+def test_a_node_whose_disk_is_below_the_reserve_at_start_is_never_announced(grid):
+    """Not even for the seconds before its first sample: a recruiter could pick it in that time."""
+    g = grid(3)
+    watcher = g.start(g.testbed.hosts[0])
+    full = g.start(g.testbed.hosts[1], "--disk-reserve", "500T")  # more than any disk here has free
+    g.start(g.testbed.hosts[2])  # started after it: once the watcher sees this one, it would have seen host2
+    wait_for(lambda: "host3" in watcher.sees(), 20, 0.2, "host3")
+    assert "host2" not in watcher.proc.output()
+    log = full.proc.output()
+    assert log.index("below the 500T kept for the owner): not lending it") < log.index(" up on ")
+    shown = " ".join(full.cli("nodes").stdout.split())
+    assert "this node (host2) is not lent to the grid" in shown, shown
+
+
 def test_two_grids_on_one_network_do_not_see_each_other(grid, tmp_path):
     g = grid(4)
     h = g.testbed.hosts
