@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 TOPIC_ROOT = "bg"
 WILL_PURPOSE = "bus-will"
+RECONNECT_EVERY_S = 0.5  # a member whose broker connection dropped (a stall, a link down) tries again this often
 WILL_MAX_AGE_S = 30 * 24 * 3600.0  # a connection may live for weeks; its will is sealed when it opens
 READ_BURST = 256  # packets read per readable event at most, so one busy peer cannot starve the loop
 # publish() waits while this many QoS>0 messages await PUBACK: bounded memory, and paho scans its whole

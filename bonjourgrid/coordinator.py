@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import backend as backends
 from .broker import BrokerError, BrokerHandle, start_ce_broker
-from .bus import Bus, BusError, bus_credentials, topic
+from .bus import RECONNECT_EVERY_S, Bus, BusError, bus_credentials, topic
 from .datasrv import DataServer, sha256_file
 from .election import supersedes
 from .envelope import Envelope
@@ -53,7 +53,6 @@ NO_MATCH_GRACE_S = 10.0  # a job nobody can serve fails after this, with the rea
 REFUSED_BACKOFF_S = 5.0
 FINAL_REPLICATION_S = 5.0  # at most, before the workers (and replicas) are released
 RELEASE_WAIT_S = 2.0  # at the end, how long to wait for the workers' goodbyes
-BUS_RETRY_S = 0.5  # the coordinator lost its broker connection: try again this often
 MEMBERS_LISTED = 32  # workers named in a heartbeat (a replica asks only a few of them anyway)
 
 
@@ -115,11 +114,11 @@ class CoordinatorCE:
         self.stepped_down = False
         self._first_result_logged = False
         self._last_probe = 0.0
-        self._moved_to: str | None = None  # a successor a recruited node told us of
+        self._moved_to: str | None = None  # a successor a node we asked to join told us of: next round steps down
         self._finisher: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._bus_auth: tuple[str, str] = ("", "")  # the CE broker's user and password, derived from the key
-        self._say_broker = Sometimes()  # a broker that cannot start again is tried every BUS_RETRY_S
+        self._say_broker = Sometimes()  # a broker that cannot start again is tried every RECONNECT_EVERY_S
         self.last_beat = time.monotonic()  # last heartbeat that reached the broker (a replica may ask)
 
     # ------------------------------------------------------------ lifecycle --
@@ -494,7 +493,7 @@ class CoordinatorCE:
         assert self.bus is not None
         lost_at = time.monotonic()
         while self.state == "running" and not self.stepped_down and not self.bus.connected:
-            await asyncio.sleep(BUS_RETRY_S)
+            await asyncio.sleep(RECONNECT_EVERY_S)
             try:
                 await self.bus.connect()
             except BusError as e:
@@ -591,7 +590,7 @@ class CoordinatorCE:
 
     async def _recruit_once(self) -> None:
         now = time.monotonic()
-        moved_to = self.superseded_by()
+        moved_to = self._moved_to or self.superseded_by()  # told by a node we asked to join, or over mDNS
         if moved_to is None and not self.dispatch.workers and self.workers_seen \
                 and now - self._last_probe > 2 * self.failover_timeout_s:
             self._last_probe = now
@@ -624,9 +623,6 @@ class CoordinatorCE:
                 slots += max(ann.free_slots, 1)
             if picks:
                 await asyncio.gather(*(self._recruit(a.node_id) for a in picks))
-            if self._moved_to is not None:  # a node we asked knows our CE has a newer coordinator
-                await self.step_down(self._moved_to)
-                return
         if not self.dispatch.workers and not self.recruited:
             others = [a for a in anns if a.node_id != self.daemon.node_id]
             matching = [a for a in others if self.needs.why_not(a) is None]

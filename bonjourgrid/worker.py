@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import backend as backends
 from . import nodestate as ns
 from . import peers
-from .bus import Bus, BusError, bus_credentials, topic
+from .bus import RECONNECT_EVERY_S, Bus, BusError, bus_credentials, topic
 from .datasrv import StorageError
 from .election import AskPeers, Election, GiveUp, Hold, Reattach, TakeOver
 from .envelope import Envelope
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonjourgrid.worker")
 
 HEARTBEAT_S = 1.0
-BUS_RETRY_S = 0.5  # our broker connection dropped (our link went down, say): try again this often
 TICK_S = 0.05
 
 
@@ -220,7 +219,7 @@ class WorkerCE:
     async def _reconnect(self, reason: str) -> None:
         lost_at = time.monotonic()
         while not self.released and not self.election.done and (self.bus is None or not self.bus.connected):
-            await asyncio.sleep(BUS_RETRY_S)
+            await asyncio.sleep(RECONNECT_EVERY_S)
             try:
                 async with self._connect_lock:
                     if self.bus is not None and self.bus.connected:

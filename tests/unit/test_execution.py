@@ -253,22 +253,23 @@ def test_a_process_that_escaped_its_task_ends_soon_after_the_task(tmp_path: Path
 
 
 def test_what_escaped_a_running_task_lives_as_long_as_the_task(tmp_path: Path) -> None:
-    """A task may start a helper with setsid and use it: it is killed with the task, not before."""
-    script = _ESCAPE.replace("os.wait()\n", "os.wait()\nimport time; time.sleep(2)\n")
+    """A task may start a helper with setsid and use it: it is killed with the task, not before.
+    The task itself looks at its helper after 1.2 s of its life, two of the spawner's sweeps."""
+    script = _ESCAPE.replace("os.wait()\n", "os.wait()\n"
+                             "while not (os.path.exists('pids') and open('pids').read().strip()): time.sleep(0.01)\n"
+                             "time.sleep(1.2); os.kill(int(open('pids').read()), 0); print('helper alive')\n")
 
-    async def scenario() -> None:
+    async def scenario() -> TaskOutcome:
         ex = Executor(kill_grace_s=0.5)
         try:
-            task = asyncio.create_task(ex.run(TaskRun("helper", (PY, "-c", script), {}, tmp_path, (), Limits())))
-            pid = (await asyncio.to_thread(_read_pids, tmp_path / "pids", 1))[0]
-            await asyncio.sleep(1.2)  # two sweeps of the spawner while the task still runs
-            assert not _gone(pid)
-            assert (await task).exit_code == 0
-            assert await asyncio.to_thread(_wait_gone, [pid])
+            out = await ex.run(TaskRun("helper", (PY, "-c", script), {}, tmp_path, (), Limits()))
+            assert await asyncio.to_thread(_wait_gone, _read_pids(tmp_path / "pids", 1))
+            return out
         finally:
             ex.close()
 
-    asyncio.run(scenario())
+    out = asyncio.run(scenario())
+    assert out.exit_code == 0 and out.stdout == b"helper alive\n", out
 
 
 def test_what_escaped_ends_when_the_worker_leaves(tmp_path: Path) -> None:
