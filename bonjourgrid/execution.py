@@ -182,32 +182,37 @@ def _limit_table(memory_bytes: int, nofile: int, fsize: int | None, nproc: int |
 
 
 _FOUND_TTL_S = 10.0
-_found_on_path: dict[tuple[str, str], float] = {}  # (program, PATH) -> when it was last found
+_found_on_path: dict[tuple[str, str], tuple[float, str]] = {}  # (program, PATH) -> (when found, where)
 
 
-def _program_problem(program: str, path: str, cwd: Path) -> str | None:
-    """Why `program` cannot be started, with a clear message, before it is handed to the spawner.
+def _find_program(program: str, path: str, cwd: Path) -> tuple[str | None, str | None]:
+    """(where `program` is, why it cannot be started), before it is handed to the spawner.
 
-    A program found on PATH is not looked up again for a few seconds: a sweep of short tasks
-    runs the same one thousands of times. One that disappears meanwhile still fails clearly (the
-    spawner's "no such program").
+    A program found on PATH is not looked up again for a few seconds, as a shell's hash table:
+    a sweep of short tasks runs the same one thousands of times, and the spawner then execs it
+    straight away instead of trying each PATH entry. One that disappears meanwhile is looked
+    for on PATH again by the spawner, and fails there clearly ("no such program").
     """
     if "/" not in program:
         now = time.monotonic()
-        if now - _found_on_path.get((program, path), -_FOUND_TTL_S) < _FOUND_TTL_S:
-            return None
-        if not shutil.which(program, path=path):
-            return f"no such program: {program!r} (PATH={path})"
+        found_at, where = _found_on_path.get((program, path), (-_FOUND_TTL_S, ""))
+        if now - found_at < _FOUND_TTL_S:
+            return where or None, None
+        where = shutil.which(program, path=path) or ""
+        if not where:
+            return None, f"no such program: {program!r} (PATH={path})"
         if len(_found_on_path) > 256:
             _found_on_path.clear()
-        _found_on_path[(program, path)] = now
-        return None
+        # Found through a relative PATH entry, it is searched again from the task's directory.
+        where = where if os.path.isabs(where) else ""
+        _found_on_path[(program, path)] = (now, where)
+        return where or None, None
     target = cwd / program
     if not target.exists():
-        return f"no such program: {program!r}"
+        return None, f"no such program: {program!r}"
     if target.is_dir() or not os.access(target, os.X_OK):
-        return f"program is not executable: {program!r}"
-    return None
+        return None, f"program is not executable: {program!r}"
+    return None, None
 
 
 def _cpu_shares(nice: int) -> int:
@@ -426,12 +431,13 @@ class Executor:
         sandbox = Path(run.sandbox)
         env = self._process_env(run, self._make_tmp(sandbox))
         started = time.time()
-        problem = _program_problem(run.argv[0], env["PATH"], sandbox)
+        executable, problem = _find_program(run.argv[0], env["PATH"], sandbox)
         if problem:
             return TaskOutcome.failure(problem, started)
         try:
             spawner = self._spawner(limits)
-            rid, reply = await spawner.submit({"argv": list(run.argv), "cwd": str(sandbox), "env": env,
+            rid, reply = await spawner.submit({"argv": list(run.argv), "executable": executable, "cwd": str(sandbox),
+                                               "env": env,
                                                "timeout": limits.timeout_s, "cap": limits.max_output_bytes,
                                                "grace": self._kill_grace_s, "queue": run.queue})
         except (OSError, SpawnerDied) as e:

@@ -128,6 +128,7 @@ class _Run:
 
     id: int
     argv: list[str]
+    executable: str | None  # argv[0] as the worker found it on PATH (None: search PATH here)
     cwd: str
     env: dict[str, str]
     timeout: float | None
@@ -141,7 +142,9 @@ class _Run:
         argv, env, queue, timeout = req["argv"], req["env"], req.get("queue"), req.get("timeout")
         if not isinstance(argv, list) or not argv or not isinstance(env, dict):
             raise ValueError("argv must be a non-empty list and env an object")
-        return cls(int(req["id"]), [str(a) for a in argv], str(req["cwd"]),
+        executable = req.get("executable")
+        return cls(int(req["id"]), [str(a) for a in argv], None if executable is None else str(executable),
+                   str(req["cwd"]),
                    {str(k): str(v) for k, v in env.items()}, None if timeout is None else float(timeout),
                    int(req.get("cap", 1 << 20)), float(req.get("grace", 2.0)),
                    None if queue is None else (str(queue[0]), int(queue[1])))
@@ -194,6 +197,7 @@ class Spawner:
         self.running_in: dict[str, int] = {}  # queue -> its tasks whose process has not exited
         self.unsent: list[bytes] = []
         self.sweep_at: float | None = None  # when to look for what escaped ended tasks
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # every task's stdin: opened once
 
     def send(self, msg: dict[str, Any]) -> None:
         """Queued until the end of this round of events: tasks that end together are one write."""
@@ -237,9 +241,12 @@ class Spawner:
     def start(self, run: _Run) -> None:
         argv, now = run.argv, time.time()
         try:
-            proc = subprocess.Popen(argv, cwd=run.cwd, env={**run.env, SPAWN_TAG: str(run.id)},
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+            try:
+                proc = self._popen(run, run.executable)
+            except FileNotFoundError:
+                if run.executable is None:
+                    raise
+                proc = self._popen(run, None)  # gone since the worker found it: look on PATH again
         except FileNotFoundError:
             return self._failed(run.id, f"no such program: {argv[0]!r} (PATH={run.env.get('PATH', '')})", now)
         except PermissionError:
@@ -257,6 +264,11 @@ class Spawner:
             os.set_blocking(pipe.fileno(), False)
             self.sel.register(pipe, selectors.EVENT_READ, (t, stream))
         self.sel.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, (t, "exit"))
+
+    def _popen(self, run: _Run, executable: str | None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(run.argv, executable=executable, cwd=run.cwd, env={**run.env, SPAWN_TAG: str(run.id)},
+                                stdin=self.devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
 
     def _failed(self, tid: int, error: str, started: float) -> None:
         self.send({"id": tid, "error": error, "started": started, "ended": time.time()})

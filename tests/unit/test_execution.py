@@ -108,6 +108,35 @@ def test_missing_program_is_an_error_not_an_exception(tmp_path: Path) -> None:
     assert out.error is not None and "no such program" in out.error
 
 
+def test_a_program_moved_on_path_between_two_tasks_is_found_again_and_one_removed_fails_clearly(tmp_path: Path) -> None:
+    """The worker remembers where a program was for a few seconds; the spawner looks on PATH again
+    if it has gone from there since, as a shell does when its hash table is stale."""
+    first, second, box = tmp_path / "first", tmp_path / "second", tmp_path / "box"
+    for d in (first, second, box):
+        d.mkdir()
+    name = f"bg-moved-{os.getpid()}"
+    for d in (first, second):
+        (d / name).write_text(f"#!/bin/sh\necho {d.name}\n")
+        (d / name).chmod(0o755)
+    env = {"PATH": f"{first}:{second}:/usr/bin:/bin"}
+    ex = Executor(kill_grace_s=0.5)
+
+    async def go() -> list[TaskOutcome]:
+        try:
+            outcomes = [await ex.run(TaskRun(task_id="t1", argv=(name,), env=env, sandbox=box, output_globs=()))]
+            (first / name).unlink()
+            outcomes.append(await ex.run(TaskRun(task_id="t2", argv=(name,), env=env, sandbox=box, output_globs=())))
+            (second / name).unlink()
+            outcomes.append(await ex.run(TaskRun(task_id="t3", argv=(name,), env=env, sandbox=box, output_globs=())))
+            return outcomes
+        finally:
+            ex.close()
+
+    found, moved, removed = asyncio.run(go())
+    assert found.stdout == b"first\n" and moved.stdout == b"second\n"
+    assert removed.exit_code is None and removed.error is not None and "no such program" in removed.error
+
+
 def test_bad_requests_are_errors(tmp_path: Path) -> None:
     assert "argv" in (_run(tmp_path, []).error or "")
     assert "runtime" in (_run(tmp_path, ["true"], runtime="vm").error or "")
