@@ -436,8 +436,8 @@ class Executor:
             return TaskOutcome.failure(problem, started)
         try:
             spawner = self._spawner(limits)
-            rid, reply = await spawner.submit({"argv": list(run.argv), "executable": executable, "cwd": str(sandbox),
-                                               "env": env,
+            rid, reply = await spawner.submit({"argv": list(run.argv), "executable": executable,
+                                               "cwd": os.path.abspath(sandbox), "env": env,
                                                "timeout": limits.timeout_s, "cap": limits.max_output_bytes,
                                                "grace": self._kill_grace_s, "queue": run.queue})
         except (OSError, SpawnerDied) as e:
