@@ -470,7 +470,7 @@ def _default_signals_for_tasks() -> None:
     node ignores (SIGINT and SIGQUIT when a script started it in the background, SIGHUP under
     nohup) and the terminal's Ctrl-C and Ctrl-\\ are caught here by a handler that does nothing:
     the worker decides when we stop, by closing stdin, and the tasks start at the defaults.
-    Python's own SIGPIPE and SIGXFSZ are reset by Popen itself."""
+    Python's own SIGPIPE and SIGXFSZ are reset at each spawn (`Spawner.sigdef`)."""
     for sig in signal.valid_signals():
         if sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP):
             continue
