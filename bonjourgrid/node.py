@@ -131,11 +131,44 @@ def load_node_id(state_dir: Path) -> str:
     return node_id
 
 
+KNOWN_FILE = "known-ces.json"
+
+
+def load_known_ces(state_dir: Path) -> tuple[tuple[str, int, str], ...]:
+    """The newest epoch and coordinator of the CEs this node last worked for, kept across restarts.
+
+    A coordinator frozen while this daemon restarted must still hear that its CE moved on, or it
+    runs the rest of its job again on this desktop (architecture.md §7, remembered epochs)."""
+    path = state_dir / KNOWN_FILE
+    try:
+        entries = json.loads(path.read_text())
+        known = tuple((ce, epoch, by) for ce, epoch, by in entries
+                      if isinstance(ce, str) and type(epoch) is int and isinstance(by, str))
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("%s is unreadable (%s): the epochs of earlier CEs are forgotten", path, e)
+        return ()
+    if len(known) != len(entries):
+        log.warning("%s: dropped %d malformed entries", path, len(entries) - len(known))
+    return known
+
+
+def save_known_ces(state_dir: Path, known: tuple[tuple[str, int, str], ...]) -> None:
+    path = state_dir / KNOWN_FILE
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps([list(k) for k in known]))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: remembered until the daemon stops, as before
+        log.warning("could not keep the epochs of earlier CEs in %s: %s", path, e)
+
+
 class NodeDaemon:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.node_id = load_node_id(config.state_dir)
-        self.machine = ns.NodeMachine(self.node_id)
+        self.machine = ns.NodeMachine(self.node_id, load_known_ces(config.state_dir))
         self.view = GridView(config.grid, config.key)
         self.monitor = OwnerMonitor(config.owner)
         self.probe = ResourceProbe(config.cpus, config.memory_mib)
@@ -245,7 +278,10 @@ class NodeDaemon:
     # -- events in ------------------------------------------------------------
 
     async def feed(self, event: ns.Event) -> list[ns.Action]:
+        known = self.machine.state.known
         actions = self.machine.handle(event)
+        if self.machine.state.known != known:  # a CE joined, or moved to a new epoch or coordinator
+            save_known_ces(self.config.state_dir, self.machine.state.known)
         await self._execute(actions)
         return actions
 

@@ -211,9 +211,10 @@ class NodeState:
 class NodeMachine:
     """Feed events with `handle`; carry out the returned actions in order."""
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, known: tuple[tuple[str, int, str], ...] = ()) -> None:
+        """`known`: the CE epochs this node remembered when its daemon last stopped."""
         self.node_id = node_id
-        self.state = NodeState()
+        self.state = NodeState(known=known[:KNOWN_CES])
         self._started = False
 
     def start(self) -> list[Action]:

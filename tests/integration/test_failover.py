@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Grid, GridNode, last_summary, small_disk
 
 from bonjourgrid.journal import Journal
@@ -231,11 +232,14 @@ def test_a_frozen_coordinator_is_replaced_and_steps_down_when_it_thaws(grid, tmp
     assert "Traceback" not in nodes[0].proc.output()  # what it answered into a lost bus is dropped quietly
 
 
-def test_a_coordinator_that_thaws_after_its_successor_finished_does_not_run_the_job_again(grid, tmp_path):
+@pytest.mark.parametrize("restarted", [False, True], ids=["daemons-up", "other-desktop-restarted"])
+def test_a_coordinator_that_thaws_after_its_successor_finished_does_not_run_the_job_again(grid, tmp_path,
+                                                                                         restarted):
     """Its successor finished the job and was then switched off: nobody announces the CE. The
     desktop that worked for both remembers the newer epoch (asked, or recruited again, it says so),
-    and the thawed coordinator steps down instead of running the rest of the job a second time."""
-    _, nodes = started(grid, 3, *FAST)
+    and the thawed coordinator steps down instead of running the rest of the job a second time.
+    The desktop remembers it across a restart of its daemon too (kill -9, as a crash or a reboot)."""
+    g, nodes = started(grid, 3, *FAST)
     res = tmp_path / "res"
     sub = sweep(nodes[0], res, 300)
     under_way(nodes[0], 40)
@@ -247,6 +251,9 @@ def test_a_coordinator_that_thaws_after_its_successor_finished_does_not_run_the_
         successor.proc.kill()
         other = next(n for n in nodes[1:] if n is not successor)
         wait_for(lambda: "released by the coordinator" in other.proc.output(), 30, 0.2, "the other worker idle")
+        if restarted:
+            other.proc.kill()
+            g.start(other.host, *FAST)
     finally:
         nodes[0].proc.signal(signal.SIGCONT)
     wait_for(lambda: "stepping down" in nodes[0].proc.output(), 30, 0.3, "the thawed coordinator to step down")
