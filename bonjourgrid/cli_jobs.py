@@ -65,6 +65,8 @@ def submit(
     output: Annotated[list[str] | None, typer.Option(help="Short form: output file or glob (repeatable).")] = None,
     require: Annotated[list[str] | None, typer.Option(help="Short form: required capability (repeatable).")] = None,
     memory: Annotated[str | None, typer.Option(help="Short form: memory per task, e.g. 256M.")] = None,
+    disk: Annotated[str | None, typer.Option(help="Short form: the most a task may keep in its directory, "
+                                                  "e.g. 2G (a task over it is stopped and fails).")] = None,
     retries: Annotated[int | None, typer.Option(help="Short form: retries of a failed task.", min=0)] = None,
     timeout: Annotated[str | None, typer.Option(help="Short form: time limit per task, e.g. 90s, 10m.")] = None,
     results: Annotated[Path | None, typer.Option(help="Where results land (default: ./results/<job>/).")] = None,
@@ -83,7 +85,7 @@ def submit(
     check_grid(grid)
     key = load_key(key_file)
     short = {"name": name, "inputs": input_, "outputs": output, "requires": require, "memory": memory,
-             "retries": retries, "timeout": timeout}
+             "disk": disk, "retries": retries, "timeout": timeout}
     spec = _job_from_args(args or [], tasks, backend, short)
     sd = state_dir or default_state_dir()
     node = LocalNode.find(sd, key, grid)

@@ -170,6 +170,7 @@ class CoordinatorCE:
             "outputs": list(self.job.outputs),
             "cpus": self.job.cpus,
             "memory_bytes": self.job.memory_bytes,
+            "disk_bytes": self.job.disk_bytes,
             "timeout_s": self.job.timeout_s,
             "runtime": self.job.runtime,
             "bus_auth": user is not None,

@@ -36,7 +36,7 @@ import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import psutil
 
 from bonjourgrid.sandbox import OutputFile, check_glob, collect_outputs, safe_join
 from bonjourgrid.spawner import Capture, SpawnerClient, SpawnerDied
+from bonjourgrid.units import format_size
 
 __all__ = [
     "Executor",
@@ -74,6 +75,7 @@ class Limits:
     max_processes: int | None = 256
     max_open_files: int = 1024  # process runtime: RLIMIT_NOFILE (never above the worker's own hard limit)
     max_file_bytes: int | None = None  # process runtime: RLIMIT_FSIZE, a cheap guard against runaway writes
+    disk_bytes: int | None = None  # what the sandbox may hold; more and the attempt is stopped and fails
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,57 @@ class _CancelRequest:
             action()
 
 
+DISK_CHECK_S = 1.0  # how often a running task's directory is measured against its disk limit
+DISK_CHECK_SHARE = 0.05  # at most this share of a core on measuring a task with very many files
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes the files under `root` take on disk (each inode once; symlinks not followed)."""
+    total, seen, todo = 0, set(), [str(root)]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for e in entries:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:  # removed meanwhile
+                        continue
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode):
+                        todo.append(e.path)
+        except OSError:  # removed, or made unreadable by the task: what could be read counts
+            continue
+    return total
+
+
+class _DiskWatch:
+    """BOINC's disk bound for one attempt: its sandbox is measured while it runs, and the attempt
+    is stopped (through its cancel request) once it holds more than the limit."""
+
+    def __init__(self, sandbox: Path, limit: int, cancel: _CancelRequest) -> None:
+        self.over: int | None = None  # what it held when it was stopped
+        self._task = asyncio.ensure_future(self._watch(sandbox, limit, cancel))
+
+    async def _watch(self, sandbox: Path, limit: int, cancel: _CancelRequest) -> None:
+        wait = DISK_CHECK_S
+        while True:
+            await asyncio.sleep(wait)
+            t0 = time.monotonic()
+            used = await asyncio.to_thread(disk_usage, sandbox)
+            if used > limit:
+                self.over = used
+                cancel()
+                return
+            # A directory of very many files takes a while to measure: measure it less often.
+            wait = max(DISK_CHECK_S, (time.monotonic() - t0) / DISK_CHECK_SHARE)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 class Executor:
     """Runs task attempts for one worker; keeps the (lazy) docker client and a thread pool for its blocking calls."""
 
@@ -292,18 +345,27 @@ class Executor:
             return TaskOutcome.failure(problem)
         request = _CancelRequest()
         self._cancels.setdefault(run.task_id, set()).add(request)
+        disk = None if run.limits.disk_bytes is None else _DiskWatch(run.sandbox, run.limits.disk_bytes, request)
         try:
             if run.runtime == "docker":
                 ev = asyncio.Event()
                 request.then(ev.set)
-                return await self._run_docker(run, ev)
-            return await self._run_process(run, request)
+                outcome = await self._run_docker(run, ev)
+            else:
+                outcome = await self._run_process(run, request)
         finally:
+            if disk is not None:
+                disk.stop()
             requests = self._cancels.get(run.task_id)
             if requests is not None:
                 requests.discard(request)
                 if not requests:
                     del self._cancels[run.task_id]
+        if disk is not None and disk.over is not None:
+            return replace(outcome, cancelled=False, error=(
+                f"the task used {format_size(disk.over)} of disk in its directory, more than the job's limit of "
+                f"{format_size(run.limits.disk_bytes or 0)}: it was stopped"))
+        return outcome
 
     def cancel(self, task_id: str) -> bool:
         """Stop the running attempt(s) of ``task_id``; their ``run`` returns with ``cancelled=True``."""

@@ -69,6 +69,8 @@ _TOP_HINTS = {
     "cpus": "resources.cpus",
     "request_memory": "resources.memory",
     "memory": "resources.memory",
+    "request_disk": "resources.disk",
+    "disk": "resources.disk",
     "transfer_input_files": "inputs",
     "transfer_output_files": "outputs",
     "environment": "env",
@@ -79,10 +81,11 @@ _TOP_HINTS = {
     "requirements": "requires",
 }
 _WIRE_FIELDS = (
-    "version", "name", "tasks", "inputs", "outputs", "cpus", "memory_bytes", "requires", "retries",
+    "version", "name", "tasks", "inputs", "outputs", "cpus", "memory_bytes", "disk_bytes", "requires", "retries",
     "timeout_s", "runtime", "image", "network", "backend", "workers_min", "workers_max", "replicas",
     "backend_options",
 )  # fmt: skip
+_OPTIONAL_WIRE_FIELDS = ("disk_bytes",)  # added later: a journal written before has no such field
 
 
 class JobFileError(ValueError):
@@ -122,6 +125,7 @@ class JobSpec:
     outputs: tuple[str, ...] = ()
     cpus: int = DEFAULT_CPUS
     memory_bytes: int = DEFAULT_MEMORY_BYTES
+    disk_bytes: int | None = None  # the most a task may keep in its directory (None: up to the node's reserve)
     requires: tuple[str, ...] = ()
     retries: int = DEFAULT_RETRIES
     timeout_s: float | None = None
@@ -144,6 +148,7 @@ class JobSpec:
             "outputs": list(self.outputs),
             "cpus": self.cpus,
             "memory_bytes": self.memory_bytes,
+            "disk_bytes": self.disk_bytes,
             "requires": list(self.requires),
             "retries": self.retries,
             "timeout_s": self.timeout_s,
@@ -388,6 +393,13 @@ def _json_value(value: object, path: str, p: _Problems) -> bool:
         return ok
     p.add(path, f"{_show(value)} cannot be sent to a backend (dates and times: write them as strings)")
     return False
+
+
+def _disk_backend(disk: int | None, backend: str | None, path: str, p: _Problems) -> None:
+    """A disk limit nobody would enforce is refused, not ignored."""
+    if disk is not None and backend not in (None, "native"):
+        p.add(path, f"only the native backend limits a task's disk; the {backend} backend keeps its "
+                    "middleware's own default")
 
 
 def _backend_options(value: object, path: str, p: _Problems) -> dict[str, object]:
@@ -753,13 +765,17 @@ def parse_job(doc: Mapping[str, Any], base_dir: Path, origin: str = "<job>") -> 
     env = _env(doc.get("env", {}), "env", p)
     backend_options = _backend_options(doc.get("backend_options", {}), "backend_options", p)
 
-    cpus, memory = DEFAULT_CPUS, DEFAULT_MEMORY_BYTES
+    cpus, memory, disk = DEFAULT_CPUS, DEFAULT_MEMORY_BYTES, None
     resources = _table(doc.get("resources", {}), "resources", p)
     if resources is not None:
-        _check_keys(resources, ("cpus", "memory"), "resources", p, {"memory_bytes": "memory", "cpu": "cpus"})
+        _check_keys(resources, ("cpus", "memory", "disk"), "resources", p,
+                    {"memory_bytes": "memory", "cpu": "cpus", "disk_bytes": "disk"})
         cpus = _int(resources.get("cpus", DEFAULT_CPUS), "resources.cpus", p, 1) or DEFAULT_CPUS
         if "memory" in resources:
             memory = _memory(resources["memory"], "resources.memory", p) or DEFAULT_MEMORY_BYTES
+        if "disk" in resources:
+            disk = _memory(resources["disk"], "resources.disk", p)
+            _disk_backend(disk, backend, "resources.disk", p)
 
     runtime_value = doc.get("runtime", {})
     if isinstance(runtime_value, str):
@@ -831,6 +847,7 @@ def parse_job(doc: Mapping[str, Any], base_dir: Path, origin: str = "<job>") -> 
         outputs=outputs,
         cpus=cpus,
         memory_bytes=memory,
+        disk_bytes=disk,
         requires=_with_docker_cap(requires, runtime),
         retries=retries,
         timeout_s=timeout,
@@ -918,6 +935,8 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "cpus": ("resources", "cpus"),
     "memory": ("resources", "memory"),
     "memory_bytes": ("resources", "memory"),
+    "disk": ("resources", "disk"),
+    "disk_bytes": ("resources", "disk"),
     "retries": ("retries",),
     "timeout": ("timeout",),
     "timeout_s": ("timeout",),
@@ -979,7 +998,7 @@ def _from_wire(d: Mapping[str, Any], origin: str) -> JobSpec:
         p.add("", f"expected a job object, got {_show(d)}")
         p.raise_if_any()
     _check_keys(d, _WIRE_FIELDS, "", p)
-    missing = [k for k in _WIRE_FIELDS if k not in d]
+    missing = [k for k in _WIRE_FIELDS if k not in d and k not in _OPTIONAL_WIRE_FIELDS]
     if missing:
         p.add("", f"missing fields: {', '.join(missing)}")
         p.raise_if_any()
@@ -991,6 +1010,8 @@ def _from_wire(d: Mapping[str, Any], origin: str) -> JobSpec:
     backend = _backend(d["backend"], "backend", p)
     cpus = _int(d["cpus"], "cpus", p, 1)
     memory = _int(d["memory_bytes"], "memory_bytes", p, 1)
+    disk = None if d.get("disk_bytes") is None else _int(d["disk_bytes"], "disk_bytes", p, 1)
+    _disk_backend(disk, backend, "disk_bytes", p)
     retries = _int(d["retries"], "retries", p, 0)
     timeout = None
     if isinstance(d["timeout_s"], str):
@@ -1064,6 +1085,7 @@ def _from_wire(d: Mapping[str, Any], origin: str) -> JobSpec:
         outputs=outputs,
         cpus=cpus,
         memory_bytes=memory,
+        disk_bytes=disk,
         requires=tags,
         retries=retries,
         timeout_s=timeout,

@@ -291,8 +291,9 @@ class NativeWorker(WorkerHalf):
 
     def _limits(self) -> Limits:
         cfg = self.worker.config
+        disk = cfg.get("disk_bytes")
         return Limits(cpus=int(cfg.get("cpus", 1)), memory_bytes=int(cfg.get("memory_bytes", 512 << 20)),
-                      timeout_s=cfg.get("timeout_s"))
+                      timeout_s=cfg.get("timeout_s"), disk_bytes=None if disk is None else int(disk))
 
     @staticmethod
     def _prepare(sandbox: Path, cache: Path, inputs: list[dict[str, Any]]) -> None:

@@ -295,6 +295,25 @@ def test_failing_task_is_retried_then_reported_with_its_stderr(grid, tmp_path):
     assert (res / "0" / "stdout").read_text() == "fine\n"
 
 
+def test_a_task_over_its_disk_limit_fails_saying_so_and_the_rest_of_the_job_runs(grid, tmp_path):
+    """`--disk`: a task that writes more than that into its directory is stopped and fails, on each
+    try, instead of filling desktops to their owners' reserve one after the other."""
+    g = grid(3)
+    nodes = g.start_all()
+    wait_for(lambda: len(nodes[0].sees()) == 3, 30, 0.2, "three nodes")
+    res = tmp_path / "res"
+    script = 'if [ {i} = 1 ]; then head -c 3000000 /dev/zero > big.bin; sleep 30; fi; echo ok {i}'
+    code, summary, stderr = submit(nodes[0], "--tasks", "3", "--disk", "1M", "--retries", "1", "--results", str(res),
+                                   "--", "sh", "-c", script)
+    assert code == 1, stderr
+    assert (summary["state"], summary["tasks_done"], summary["tasks_failed"]) == ("failed", 2, 1), summary
+    failed = json.loads((res / "1" / "result.json").read_text())
+    assert failed["state"] == "failed" and failed["attempts"] == 2, failed
+    assert "more than the job's limit of 1M: it was stopped" in failed["error"], failed
+    assert (res / "2" / "stdout").read_text() == "ok 2\n"
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "every node idle again")
+
+
 def test_tasks_failing_on_every_worker_use_all_their_retries(grid, tmp_path):
     """Two workers, four attempts each: the third and fourth run where the task failed before."""
     g = grid(3)

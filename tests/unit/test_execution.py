@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bonjourgrid.execution import Executor, Limits, OutputFile, TaskOutcome, TaskRun, collect_outputs, safe_join
+from bonjourgrid.execution import (
+    Executor,
+    Limits,
+    OutputFile,
+    TaskOutcome,
+    TaskRun,
+    collect_outputs,
+    disk_usage,
+    safe_join,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,6 +250,37 @@ def test_outcome_dict_round_trip(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- limits, timeouts, cancel
+
+
+def test_a_task_that_fills_more_disk_than_its_limit_is_stopped_and_fails_saying_so(tmp_path: Path) -> None:
+    """BOINC's disk bound: without it such a task fills the desktop's disk to the owner's reserve,
+    and the node leaves the grid; the task then reruns elsewhere and fills that disk too."""
+    script = "head -c 3000000 /dev/zero > big.bin; echo wrote; sleep 30"
+    out = _run(tmp_path, ["sh", "-c", script], limits=Limits(disk_bytes=1 << 20))
+    assert not out.ok and out.exit_code is None and not out.cancelled
+    assert out.error is not None and "more than the job's limit of 1M: it was stopped" in out.error, out.error
+    assert re.search(r"used 2\.\dM of disk", out.error), out.error
+    assert out.stdout == b"wrote\n"  # what it printed is kept, to see what it was doing
+    within = tmp_path / "within"
+    within.mkdir()
+    ok = _run(within, ["sh", "-c", "head -c 100000 /dev/zero > small.bin; sleep 1.5"],
+              limits=Limits(disk_bytes=1 << 20))
+    assert ok.ok, ok  # measured at least once while it ran, and under the limit
+
+
+def test_disk_usage_counts_what_the_disk_holds_once(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"x" * 100_000)
+    os.link(tmp_path / "d" / "a", tmp_path / "hard")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "b").write_bytes(b"x" * 500_000)
+    box = tmp_path / "d"
+    os.symlink(tmp_path / "outside", box / "link")
+    os.link(tmp_path / "hard", box / "again")
+    used = disk_usage(box)
+    assert 100_000 <= used < 200_000  # one copy of `a`, not of its second name, nor what the link points to
+    assert disk_usage(tmp_path / "gone") == 0
+
 
 
 _TREE = """

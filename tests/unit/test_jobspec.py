@@ -137,7 +137,7 @@ env = { OMP_NUM_THREADS = "2", EXTRA = "yes" }
     )
     assert job.outputs == ("result-*.txt", "logs/out.log")
     assert job.replicas == 3
-    assert (job.cpus, job.memory_bytes) == (4, 1536 << 20)
+    assert (job.cpus, job.memory_bytes, job.disk_bytes) == (4, 1536 << 20, None)
     assert (job.workers_min, job.workers_max) == (2, 8)
     assert job.backend_options == {"quorum": 2, "deadline": {"days": 3}}
     (task,) = job.tasks
@@ -355,6 +355,10 @@ argv = []
         ("backend_options = { when = 1979-05-27 }", "backend_options.when: date 1979-05-27 cannot be sent"),
         ("[resources]\nmemory = 0", "resources.memory: must be more than 0"),
         ("[resources]\nmemory = 1.5", "resources.memory: expected a size such as '512M'"),
+        ("[resources]\ndisk = 0", "resources.disk: must be more than 0"),
+        ('[resources]\ndisk = "lots"', "resources.disk: not a size: 'lots'"),
+        ('backend = "boinc"\n[resources]\ndisk = "1G"', "resources.disk: only the native backend limits"),
+        ('request_disk = "1G"', "unknown field 'request_disk' (did you mean 'resources.disk'?)"),
         ('[runtime]\nkind = "vm"', "runtime.kind: unknown runtime 'vm'"),
         ('[runtime]\nimage = "busybox"', "runtime.image: only allowed with runtime 'docker'"),
         ('[runtime]\nkind = "docker"\nimage = "bad image"', "runtime.image: not a docker image reference"),
@@ -513,6 +517,8 @@ timeout = 2.5
 inputs = [{ src = "in.txt", dest = "sub/in.txt" }]
 outputs = ["*.out"]
 replicas = 2
+[resources]
+disk = "300M"
 [runtime]
 kind = "docker"
 image = "busybox:latest"
@@ -534,7 +540,7 @@ params = { x = ["a", "b"] }
     )
     wire = json.dumps(job.to_dict())
     back = JobSpec.from_dict(json.loads(wire))
-    assert back == job
+    assert back == job and back.disk_bytes == 300 << 20
     assert back.to_dict() == job.to_dict()
     assert isinstance(back.tasks, tuple) and isinstance(back.inputs[0].source, Path)
 
@@ -678,3 +684,14 @@ def test_a_job_too_big_for_one_message_is_refused_with_what_would_fit():
     fit = int(re.search(r"about (\d+) tasks like these", message).group(1))
     assert 7000 < fit < 8000
     assert len(sweep_job(["true", pad + "{i}"], fit - 50).tasks) == fit - 50  # what it says fits, fits
+
+
+def test_a_job_recorded_before_disk_limits_existed_still_loads(tmp_path: Path) -> None:
+    """Journals outlive the version that wrote them: a job's wire form without `disk_bytes`."""
+    wire = sweep_job(["true"], 3).to_dict()
+    del wire["disk_bytes"]
+    assert JobSpec.from_dict(wire).disk_bytes is None
+    assert sweep_job(["true"], 3, disk="2G").disk_bytes == 2 << 30
+    moved = sweep_job(["true"], 3, disk="2G").to_dict() | {"backend": "htcondor"}  # `submit --backend` on a file
+    with pytest.raises(JobFileError, match="disk_bytes: only the native backend limits a task's disk"):
+        JobSpec.from_dict(moved)
