@@ -139,7 +139,10 @@ class JobSpec:
     backend_options: dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form for the network and the journal; `from_dict` reads it back unchanged."""
+        """Plain JSON-able form for the network and the journal; `from_dict` reads it back unchanged.
+
+        A field added later is left out when it has its default, so that nodes of an older version,
+        which refuse fields they do not know, still read such jobs (as replicas, say)."""
         return {
             "version": WIRE_VERSION,
             "name": self.name,
@@ -148,7 +151,7 @@ class JobSpec:
             "outputs": list(self.outputs),
             "cpus": self.cpus,
             "memory_bytes": self.memory_bytes,
-            "disk_bytes": self.disk_bytes,
+            **({} if self.disk_bytes is None else {"disk_bytes": self.disk_bytes}),
             "requires": list(self.requires),
             "retries": self.retries,
             "timeout_s": self.timeout_s,

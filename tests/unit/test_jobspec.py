@@ -555,7 +555,7 @@ def test_to_dict_does_not_share_mutable_state(tmp_path: Path) -> None:
 
 
 def test_from_dict_validates(tmp_path: Path) -> None:
-    good = sweep_job(["sim", "{i}"], 3, name="w").to_dict()
+    good = sweep_job(["sim", "{i}"], 3, name="w", disk="1G").to_dict()
 
     def problems(**changes: object) -> list[str]:
         d = json.loads(json.dumps(good))
@@ -689,7 +689,7 @@ def test_a_job_too_big_for_one_message_is_refused_with_what_would_fit():
 def test_a_job_recorded_before_disk_limits_existed_still_loads(tmp_path: Path) -> None:
     """Journals outlive the version that wrote them: a job's wire form without `disk_bytes`."""
     wire = sweep_job(["true"], 3).to_dict()
-    del wire["disk_bytes"]
+    assert "disk_bytes" not in wire  # nor sent to nodes of that version, which would refuse it
     assert JobSpec.from_dict(wire).disk_bytes is None
     assert sweep_job(["true"], 3, disk="2G").disk_bytes == 2 << 30
     moved = sweep_job(["true"], 3, disk="2G").to_dict() | {"backend": "htcondor"}  # `submit --backend` on a file
