@@ -184,7 +184,7 @@ def _limit_table(memory_bytes: int, nofile: int, fsize: int | None, nproc: int |
 
 
 _FOUND_TTL_S = 10.0
-_found_on_path: dict[tuple[str, str], tuple[float, str]] = {}  # (program, PATH) -> (when found, where)
+_found_on_path: dict[tuple[str, str], tuple[float, str | None]] = {}  # (program, PATH) -> (when found, where)
 
 
 def _find_program(program: str, path: str, cwd: Path) -> tuple[str | None, str | None]:
@@ -197,18 +197,18 @@ def _find_program(program: str, path: str, cwd: Path) -> tuple[str | None, str |
     """
     if "/" not in program:
         now = time.monotonic()
-        found_at, where = _found_on_path.get((program, path), (-_FOUND_TTL_S, ""))
+        found_at, where = _found_on_path.get((program, path), (-_FOUND_TTL_S, None))
         if now - found_at < _FOUND_TTL_S:
-            return where or None, None
-        where = shutil.which(program, path=path) or ""
-        if not where:
+            return where, None
+        found = shutil.which(program, path=path)
+        if not found:
             return None, f"no such program: {program!r} (PATH={path})"
         if len(_found_on_path) > 256:
             _found_on_path.clear()
         # Found through a relative PATH entry, it is searched again from the task's directory.
-        where = where if os.path.isabs(where) else ""
+        where = found if os.path.isabs(found) else None
         _found_on_path[(program, path)] = (now, where)
-        return where or None, None
+        return where, None
     target = cwd / program
     if not target.exists():
         return None, f"no such program: {program!r}"

@@ -62,14 +62,14 @@ class OwnerMonitor:
         if busy == self.busy:
             return None
         self.busy = busy
+        cpu = f"{owner_cpu_percent:.0f}% CPU outside the grid"
         if self.disk_low:
             self.reason = f"{format_size(free_disk or 0)} free on the grid's disk, below the " \
                           f"{format_size(self.policy.disk_reserve)} kept for the owner"
-        elif busy:
-            self.reason = f"{owner_cpu_percent:.0f}% CPU outside the grid"
+        elif busy or free_disk is None:
+            self.reason = cpu
         else:
-            self.reason = f"{owner_cpu_percent:.0f}% CPU outside the grid" + \
-                          (f", {format_size(free_disk)} free on disk" if free_disk is not None else "")
+            self.reason = f"{cpu}, {format_size(free_disk)} free on disk"
         return busy
 
     def _observe_cpu(self, now: float, owner_cpu_percent: float) -> None:

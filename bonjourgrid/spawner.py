@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,19 +105,6 @@ def _kill_escaped(pid: int) -> None:
         if os.getpgid(pid) == pid:
             os.killpg(pid, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
-
-
-def _on_path(program: str, path: str) -> str:
-    """Where exec would find `program`, searching the task's PATH (not ours); FileNotFoundError if nowhere.
-
-    A name with a slash is taken as it is (relative to the task's directory, ours now)."""
-    if "/" in program:
-        return program
-    for d in path.split(os.pathsep):
-        candidate = os.path.join(d or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise FileNotFoundError(program)
 
 
 class Capture:
@@ -295,7 +283,12 @@ class Spawner:
         in the child, as for every program Rust's std or CPython start this way; glibc and musl
         take them back when they need them, and no program may use them.
         """
-        path = executable or _on_path(run.argv[0], run.env.get("PATH", os.defpath))
+        program = run.argv[0]
+        # The task's PATH, not ours; a name with a slash is relative to the task's directory (ours now).
+        task_path = run.env.get("PATH", os.defpath)
+        path = executable or (program if "/" in program else shutil.which(program, path=task_path))
+        if path is None:
+            raise FileNotFoundError(program)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
