@@ -9,7 +9,10 @@ Why it looks the way it does:
   disk honours fsync. (WAL + NORMAL would only survive a process crash: the last commits
   could be lost on power failure.) ``fullfsync`` is switched on too, which only matters on
   macOS. A result "counts" once :meth:`Journal.record_result` has returned True: only then
-  may the coordinator acknowledge it to the worker.
+  may the coordinator acknowledge it to the worker. ``batch(durable=False)`` commits without
+  the fsync, for what lives on elsewhere until :meth:`Journal.sync` (results their workers
+  keep until released: see ``CoordinatorCE.accept_results``); such commits survive a crash of
+  the process, not a power cut, until then.
 * **Group commit.** Each mutation is its own transaction (one fsync). ``with journal.batch():``
   wraps many mutations in one transaction and one fsync; nothing in it is durable before the
   ``with`` block exits. Inside a batch each mutation is still atomic on its own (a savepoint),
@@ -40,11 +43,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .sandbox import OutputFile  # one manifest entry type, from the sandbox to the journal
 
@@ -292,6 +295,8 @@ INSERT INTO meta (key, value) VALUES ('epoch', '1');
 _RESULT_COLS = "attempt, exit_code, started_at, finished_at, node_id, stdout, stderr, outputs, extra"
 _IN_CHUNK = 500  # indices per `IN (...)` query: SQLite caps bound parameters (999 before 3.32)
 _TASK_COLS = "job_id, idx, spec, state, node_id, attempts, failures, started_at, tried_nodes"
+_T = TypeVar("_T")
+_B = TypeVar("_B")
 
 
 def _canon(obj: Any) -> str:
@@ -366,6 +371,8 @@ class Journal:
         # Seq of the newest committed change, for readers on an event loop: a plain attribute, so
         # they never wait for the lock while a batch holds it through its fsync.
         self.committed_seq = self.last_seq()
+        # Commits of `batch(durable=False)` not synced to disk since: `sync()` makes them durable.
+        self.unsynced = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -455,15 +462,18 @@ class Journal:
         """Group commit: everything inside is one transaction and one fsync (durable at exit).
 
         Nested batches join the outer one. An exception escaping the block rolls it all back.
-        `durable=False` skips the fsync: for changes whose loss in a crash costs nothing (a task
-        marked running is found again from the workers); they become durable with the next
-        durable commit, since the WAL is synced as a whole, in order.
+        `durable=False` skips the fsync: for changes whose loss in a power cut costs nothing (a
+        task marked running is found again from the workers) or that live on elsewhere until
+        `sync()` (results their workers keep). They survive a crash of this process all the same,
+        and become durable with the next durable commit, since the WAL is synced as a whole, in
+        order.
         """
         with self._mutex:
             if self._depth == 0:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.execute("BEGIN IMMEDIATE")
+                written_before = self._conn.total_changes
             self._depth += 1
             try:
                 yield
@@ -487,7 +497,34 @@ class Journal:
                 finally:
                     if not durable:
                         self._conn.execute("PRAGMA synchronous=FULL")
+                if self._conn.total_changes != written_before:  # an empty commit syncs nothing
+                    self.unsynced = not durable
                 self.committed_seq = self._last_seq()
+
+    def run_if_free(self, fn: Callable[[], _T], busy: _B) -> _T | _B:
+        """`fn()` now if no other thread holds the journal, else `busy` without running it: for an
+        event loop, which must not wait for another thread's fsync."""
+        if not self._mutex.acquire(blocking=False):
+            return busy
+        try:
+            return fn()
+        finally:
+            self._mutex.release()
+
+    def sync(self) -> None:
+        """Make every commit so far survive a power cut, after `batch(durable=False)` ones.
+
+        One small durable write does it: SQLite syncs the WAL as a whole, in order. Nothing is
+        written when nothing waits to be synced.
+        """
+        with self._mutex:
+            if self._depth:
+                raise JournalError("sync() inside a batch")
+            if not self.unsynced:
+                return
+            with self._atomic():
+                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('synced_at', ?)",
+                                   (repr(time.time()),))
 
     def _write_error(self, e: sqlite3.OperationalError) -> JournalWriteError:
         return JournalWriteError(f"cannot write the journal {self._path}: {e}")

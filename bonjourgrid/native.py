@@ -69,7 +69,8 @@ class NativeCoordinator(CoordinatorHalf):
         acks: list[list[int]] = []
         items = env.body.get("items")
         if env.kind == "results" and isinstance(items, list):
-            acks = await self.ce.accept_results(node, items)
+            # Acknowledged once committed, not synced: the worker keeps its results until released.
+            acks = await self.ce.accept_results(node, items, durable=False)
         try:
             n = int(env.body.get("n", 0))
         except (TypeError, ValueError):
@@ -117,6 +118,8 @@ class NativeWorker(WorkerHalf):
         self.unacked: dict[tuple[int, int], dict[str, Any]] = {}
         # Acknowledged results are kept until the CE releases us: after a failover the successor's
         # journal may lag behind the old coordinator's, and it gets them again (it records each once).
+        # The coordinator acknowledges them before they are synced to its disk, and syncs before
+        # it releases us (CoordinatorCE.accept_results): until then this is their second copy.
         self.acked: dict[tuple[int, int], dict[str, Any]] = {}
         self.running_now: set[int] = set()
         self.sent_at: dict[tuple[int, int], float] = {}

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 mosquitto docker.io busybox-static boinc-client)
+APT_PACKAGES=(iproute2 mosquitto docker.io busybox-static boinc-client strace)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

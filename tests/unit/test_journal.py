@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -605,6 +606,55 @@ def test_a_non_durable_batch_commits_and_leaves_later_commits_durable(tmp_path: 
     j.close()
     again = Journal.open(tmp_path / "j.db")
     assert again.task("job", 0).state == "running"
+    again.close()
+
+
+SYNC_PHASES = textwrap.dedent("""
+    import os, sys
+    from bonjourgrid.journal import Journal, ResultRecord
+    j = Journal.open(sys.argv[1])
+    j.create_job("job", {"name": "x"}, [{"argv": ["true"]}] * 3, submitter="me", created_at=0.0)
+    j.mark_running_many("job", [0, 1, 2], "n1", 1.0)
+    r = ResultRecord(exit_code=0, started_at=1.0, finished_at=2.0, node_id="n1", attempt=1, stdout=b"o", stderr=b"")
+    os.access("/phase:results-not-durable", os.F_OK)
+    with j.batch(durable=False):
+        j.record_results("job", [(0, r), (1, r)])
+    print(j.unsynced, flush=True)
+    os.access("/phase:sync", os.F_OK)
+    j.sync()
+    print(j.unsynced, flush=True)
+    os.access("/phase:sync-again", os.F_OK)
+    j.sync()
+    os.access("/phase:durable-result", os.F_OK)
+    j.record_result("job", 2, r)
+    os.access("/phase:end", os.F_OK)
+    j.close()
+""")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup.sh installs it)")
+def test_results_committed_without_fsync_reach_the_disk_at_the_next_sync(tmp_path: Path) -> None:
+    """What the native backend relies on: its results are acknowledged before any fsync, and one
+    sync() (before a worker that keeps them is released) makes them all durable."""
+    trace = tmp_path / "trace"
+    out = subprocess.run(["strace", "-f", "-qq", "-e", "trace=access,fsync,fdatasync", "-o", str(trace),
+                          sys.executable, "-c", SYNC_PHASES, str(tmp_path / "j.db")],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+    syncs: dict[str, int] = {}
+    phase = "setup"
+    for line in trace.read_text().splitlines():
+        if '"/phase:' in line:
+            phase = line.split('"/phase:')[1].split('"')[0]
+        elif "fsync(" in line or "fdatasync(" in line:
+            syncs[phase] = syncs.get(phase, 0) + 1
+    assert "results-not-durable" not in syncs  # acknowledged without waiting for the disk
+    assert syncs.get("sync", 0) >= 1  # ... and synced, the WAL as a whole, by sync()
+    assert "sync-again" not in syncs  # nothing new: nothing written, nothing synced
+    assert syncs.get("durable-result", 0) >= 1  # other writes stay synced at commit
+    again = Journal.open(tmp_path / "j.db")
+    assert [i for i, _ in again.results("job")] == [0, 1, 2]
     again.close()
 
 
