@@ -46,6 +46,12 @@ MAX_PREFETCH_PER_SLOT = 32
 # one about to run dry, sends at once.
 COALESCE_S = 0.05
 COALESCE_MAX = 64
+# Processes: tasks per slot handed to the spawner, which starts each as a slot frees
+# (TaskRun.queue). More than one ahead lets the spawner report several ends in one write, and
+# the worker hand over several tasks in one: a task's worth of wake-ups on each side saved.
+# Each task ahead holds its sandbox, with its copy of the inputs: with big inputs, one ahead.
+AHEAD_PER_SLOT = 8
+AHEAD_INPUT_BYTES = 64 << 20  # per slot, in the sandboxes of the tasks ahead
 
 
 class NativeBackend(Backend):
@@ -128,10 +134,9 @@ class NativeWorker(WorkerHalf):
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inputs_ready: asyncio.Task[Path] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        # Processes: a task ahead per slot waits in the spawner, which starts it as soon as a slot
-        # frees (TaskRun.queue); docker containers start only on a free slot.
+        # Docker containers start only on a free slot.
         self._queued = worker.config.get("runtime", "process") == "process"
-        self._free_slots = asyncio.Semaphore(worker.slots * (2 if self._queued else 1))
+        self._free_slots = asyncio.Semaphore(worker.slots * self._per_slot(worker.config))
         self.sandboxes = SandboxPool(worker.dir / "tasks")
         self._avg_task_s = 1.0  # pessimistic until measured: start with a shallow buffer
         self._send_failing = False
@@ -159,6 +164,14 @@ class NativeWorker(WorkerHalf):
             sender.cancel()
             for t in list(self._running):
                 t.cancel()
+
+    @staticmethod
+    def _per_slot(cfg: dict[str, Any]) -> int:
+        """Tasks in the executor per slot: the running one and those waiting in the spawner."""
+        if cfg.get("runtime", "process") != "process":
+            return 1
+        inputs = sum(int(f.get("size", 0)) for f in cfg.get("inputs") or [])
+        return AHEAD_PER_SLOT if inputs * (AHEAD_PER_SLOT - 1) <= AHEAD_INPUT_BYTES else 2
 
     def _running_dry(self) -> bool:
         """Nothing buffered beyond the running tasks: ask for more now, not with the next batch."""

@@ -44,6 +44,10 @@ READ_CHUNK = 64 << 10
 PR_SET_CHILD_SUBREAPER = 36
 SPAWN_TAG = "BONJOURGRID_SPAWN"
 SWEEP_EVERY_S = 0.5
+# While tasks wait for a slot, their worker has nothing to start when one ends: replies are kept
+# back, up to this many or this long, to share one write and one wake-up of the worker.
+HOLD_REPLIES = 8
+HOLD_S = 0.01
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -198,6 +202,7 @@ class Spawner:
         self.waiting: dict[str, deque[_Run]] = {}  # queue -> requests not started yet
         self.running_in: dict[str, int] = {}  # queue -> its tasks whose process has not exited
         self.unsent: list[bytes] = []
+        self.hold_until = 0.0  # replies kept back (while tasks wait for a slot) go by then
         self.sweep_at: float | None = None  # when to look for what escaped ended tasks
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # every task's stdin: opened once
         # What a task must not inherit ignored (Python ignores SIGPIPE and SIGXFSZ for itself).
@@ -205,10 +210,15 @@ class Spawner:
 
     def send(self, msg: dict[str, Any]) -> None:
         """Queued until the end of this round of events: tasks that end together are one write."""
+        if not self.unsent:
+            self.hold_until = time.monotonic() + HOLD_S
         self.unsent.append(json.dumps(msg).encode())
 
-    def flush(self) -> None:
+    def flush(self, *, everything: bool = False) -> None:
         if not self.unsent:
+            return
+        if not everything and self.waiting and len(self.unsent) < HOLD_REPLIES \
+                and time.monotonic() < self.hold_until:
             return
         data = b"\n".join(self.unsent) + b"\n"
         self.unsent.clear()
@@ -398,8 +408,10 @@ class Spawner:
         return again
 
     def next_wakeup(self) -> float | None:
-        """Seconds until the next timeout, SIGKILL, end of draining or sweep, if any."""
+        """Seconds until the next timeout, SIGKILL, end of draining, sweep or held reply, if any."""
         times = [self.sweep_at] if self.sweep_at is not None else []
+        if self.unsent:
+            times.append(self.hold_until)
         for t in self.tasks.values():
             if t.ended is None:
                 if t.kill_at is not None:
@@ -445,7 +457,7 @@ class Spawner:
                 else:
                     self.on_ready(key)
             self.on_time(time.monotonic())
-            self.flush()
+            self.flush(everything=not self.stdin_open)
             if not self.stdin_open and self.tasks:
                 for t in self.tasks.values():
                     _killpg(t.pid, signal.SIGKILL)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import io
 import json
 import os
 import re
@@ -26,6 +28,7 @@ from bonjourgrid.execution import (
     disk_usage,
     safe_join,
 )
+from bonjourgrid.spawner import HOLD_REPLIES, HOLD_S, Spawner
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -448,6 +451,37 @@ def test_a_queue_runs_no_more_attempts_at_once_than_its_slots(tmp_path: Path) ->
         spans = sorted((o.started_at, o.ended_at) for o in outs)
         most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
         assert most == slots, spans
+
+
+def test_a_deep_queue_of_short_attempts_gives_each_its_own_outcome(tmp_path: Path) -> None:
+    """Ends reported together (the spawner holds replies while attempts wait) still reach the right attempt."""
+    outs = _queued(tmp_path, [["sh", "-c", f"echo {i}; echo e{i} >&2; exit {i % 3}"] for i in range(40)], 2)
+    assert [(o.stdout, o.stderr, o.exit_code) for o in outs] == [
+        (f"{i}\n".encode(), f"e{i}\n".encode(), i % 3) for i in range(40)]
+
+
+def test_replies_wait_while_attempts_wait_for_a_slot_and_never_longer_than_the_hold() -> None:
+    out = io.BytesIO()
+    sp = Spawner(out)
+    sp.waiting["ce"] = collections.deque([object()])  # an attempt waits for a slot
+    for i in range(3):
+        sp.send({"id": i})
+        sp.flush()
+    assert out.getvalue() == b""  # kept back: its worker has nothing to start
+    assert 0 < sp.next_wakeup() <= HOLD_S  # ... not beyond the hold
+    sp.hold_until = time.monotonic() - 1
+    sp.flush()
+    assert [json.loads(x)["id"] for x in out.getvalue().splitlines()] == [0, 1, 2]  # in one write
+    out.seek(0), out.truncate()
+    for i in range(HOLD_REPLIES):
+        sp.send({"id": i})
+        sp.flush()
+    assert len(out.getvalue().splitlines()) == HOLD_REPLIES  # enough for one write: sent
+    out.seek(0), out.truncate()
+    sp.waiting.clear()  # nothing waits: a reply goes at once
+    sp.send({"id": 9})
+    sp.flush()
+    assert out.getvalue() == b'{"id": 9}\n'
 
 
 def test_an_attempt_cancelled_while_queued_never_runs(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from bonjourgrid.datasrv import DataError, upload
 from bonjourgrid.execution import Executor, TaskOutcome
 from bonjourgrid.gridkey import GridKey
-from bonjourgrid.native import NativeWorker
+from bonjourgrid.native import AHEAD_INPUT_BYTES, AHEAD_PER_SLOT, NativeWorker
 from bonjourgrid.sandbox import OutputFile, SandboxPool
 
 
@@ -57,7 +57,7 @@ def test_a_sandbox_that_cannot_be_made_fails_the_attempt_and_frees_the_slot(tmp_
     assert "could not make the task's sandbox" in result["error"]
     assert half.unacked == {(7, 1): result}  # sent, and resent until acknowledged
     assert half.in_hand == 0 and not half.running_now
-    assert half._free_slots._value == 2  # the slot (and the one ahead of it) are free again
+    assert half._free_slots._value == AHEAD_PER_SLOT  # the slot (and the tasks ahead of it) are free again
 
 
 def test_an_output_gone_before_it_is_sent_fails_the_attempt_clearly(tmp_path, executor):
@@ -110,6 +110,15 @@ def test_an_unexpected_error_in_the_worker_fails_the_attempt_and_frees_the_slot(
     half = asyncio.run(main())
     [result] = half._results
     assert result["ok"] is False and "RuntimeError('a bug')" in result["error"]
-    assert half.in_hand == 0 and half._free_slots._value == 2
+    assert half.in_hand == 0 and half._free_slots._value == AHEAD_PER_SLOT
     assert (tmp_path / "tasks" / "slot-1").is_dir() and half.sandboxes.take().name == "slot-1"  # given back
     assert "the worker failed" in caplog.text
+
+
+def test_tasks_wait_in_the_spawner_several_per_slot_unless_each_would_copy_big_inputs() -> None:
+    assert NativeWorker._per_slot({}) == AHEAD_PER_SLOT
+    small = [{"dest": "a", "sha256": "0" * 64, "size": 1 << 20}]
+    assert NativeWorker._per_slot({"inputs": small}) == AHEAD_PER_SLOT
+    big = [{"dest": "a", "sha256": "0" * 64, "size": AHEAD_INPUT_BYTES // 2}]
+    assert NativeWorker._per_slot({"inputs": big}) == 2  # the running task and one ahead
+    assert NativeWorker._per_slot({"runtime": "docker"}) == 1  # containers start on a free slot only
