@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import psutil
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -24,14 +23,11 @@ from rich.table import Table
 from . import __version__
 from .announcement import CAP_RE, GRID_NAME_RE
 from .gridkey import GridKey, GridKeyError, key_file_is_private
-from .gridview import GridView
-from .netif import InterfaceError, resolve_interface
-from .ownerpolicy import OwnerPolicy
 from .paths import default_key_file, default_state_dir
-from .resources import ThrottlePolicy, default_memory_mib, probe_capabilities
 from .units import format_size, parse_size
 
 if TYPE_CHECKING:
+    from .gridview import GridView
     from .node import NodeConfig
 
 app = typer.Typer(
@@ -86,6 +82,8 @@ def load_key(key_file: Path | None) -> GridKey:
 
 
 def addresses_for(interface: str | None) -> list[str]:
+    from .netif import InterfaceError, resolve_interface  # what only node commands need: imported by them
+
     try:
         return resolve_interface(interface)
     except InterfaceError as e:
@@ -161,7 +159,11 @@ def node_config(key_file: Path | None, grid: str, state_dir: Path | None, interf
                 cpus: int | None, memory: str | None, tag: list[str] | None, port: int, name: str | None,
                 owner: OwnerSpec, sample_interval: float = 2.0, announce_interval: float = 10.0) -> NodeConfig:
     """A node's configuration from command-line values, with every mistake reported clearly."""
+    import psutil
+
     from .node import NodeConfig, safe_hostname
+    from .ownerpolicy import OwnerPolicy
+    from .resources import ThrottlePolicy, default_memory_mib, probe_capabilities
 
     check_grid(grid)
     key = load_key(key_file)

@@ -1,12 +1,17 @@
-"""Which node a command follows for a job when no coordinator of it is announced (pick_job_holder)."""
+"""Which node a command follows: this state dir's daemon while it lives, and for a job no coordinator
+announces, the best answer of the others (pick_job_holder)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bonjourgrid.localnode import pick_job_holder
+from bonjourgrid.gridkey import GridKey
+from bonjourgrid.localnode import NODE_FILE, LocalNode, pick_job_holder
 
 REPLICA = "from a replica of the job's journal"
 
@@ -53,3 +58,19 @@ def test_nobody_knows_the_job():
 def test_a_replica_that_left_the_ce_before_its_end_is_never_followed():
     assert pick([("left", replica("left")), ("r1", replica("running"))])[0] == "r1"
     assert pick([("left", replica("left"))])[0] is None
+
+
+def test_a_state_dir_is_followed_only_while_the_daemon_it_names_lives(tmp_path) -> None:
+    key = GridKey.generate()
+    gone = _a_dead_pid()
+    for pid, found in ((os.getpid(), True), (gone, False), (0, False)):
+        (tmp_path / NODE_FILE).write_text(json.dumps({"grid": "lab", "pid": pid, "port": 4242, "node_id": "n1"}))
+        node = LocalNode.find(tmp_path, key, "lab")
+        assert (node is not None) == found, pid
+    assert LocalNode.find(tmp_path, key, "other-grid") is None
+
+
+def _a_dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()  # reaped: nobody has that pid now (pids are not reused this fast)
+    return p.pid
