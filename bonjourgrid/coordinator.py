@@ -112,6 +112,7 @@ class CoordinatorCE:
         self._tasks: list[asyncio.Task[None]] = []
         self._servers_stopping: list[asyncio.Future[None]] = []
         self._lock = asyncio.Lock()
+        self._worker_left = asyncio.Event()  # the end waits for the workers' goodbyes
         self.journal_lock = asyncio.Lock()  # held by readers (export) so teardown never closes under them
         self.on_finish: Callable[[CoordinatorCE], Awaitable[None]] | None = None
         self.replication = ReplicationSender(self)
@@ -286,18 +287,13 @@ class CoordinatorCE:
         assert self.journal is not None
         last = self.journal.committed_seq
         self.replication.hurry()
-        deadline = time.monotonic() + timeout
-        while any(self.replication.acked.get(r, 0) < last for r in self.replication.replicas):
-            if time.monotonic() > deadline:
-                log.warning("CE %s: the replicas did not confirm the end of the job within %gs", self.ce, timeout)
-                return
-            await asyncio.sleep(0.01)
+        if not await _until(lambda: all(self.replication.acked.get(r, 0) >= last for r in self.replication.replicas),
+                            self.replication.acked_changed, timeout):
+            log.warning("CE %s: the replicas did not confirm the end of the job within %gs", self.ce, timeout)
 
     async def _wait_for_byes(self, timeout: float) -> None:
         """Keep the broker up until every worker said goodbye, so no release is lost with it."""
-        deadline = time.monotonic() + timeout
-        while self.dispatch.workers and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await _until(lambda: not self.dispatch.workers, self._worker_left, timeout)
 
     async def _teardown(self) -> None:
         if self.half:
@@ -355,6 +351,7 @@ class CoordinatorCE:
                 self.replication.on_ack(node, int(env.body.get("seq", 0)))
         elif env.kind == "bye" and self.state == "finishing":
             self.dispatch.remove_worker(node)
+            self._worker_left.set()
         elif env.kind in ("bye", "lost"):
             if env.kind == "lost" and env.nonce != self.sessions.get(node):
                 return  # the will (its nonce is the bus session) of an older connection of a worker
@@ -434,6 +431,7 @@ class CoordinatorCE:
             return
         lost = self.dispatch.remove_worker(node)
         self.last_seen.pop(node, None)
+        self._worker_left.set()
         if self.journal and lost:
             journal = self.journal
             # If refused, the journal still shows them on the lost node; marking one running on
@@ -948,3 +946,16 @@ class CoordinatorCE:
             replace_file(self.dir / STATUS_FILE, json.dumps(self.status()))
         except OSError as e:  # a full disk: the journal has the end; the job must still end
             log.error("CE %s: cannot write %s: %s", self.ce, self.dir / STATUS_FILE, e)
+
+
+async def _until(done: Callable[[], bool], changed: asyncio.Event, timeout: float) -> bool:
+    """Wait until `done()`, looked at again each time `changed` is set; False after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        changed.clear()
+        with contextlib.suppress(TimeoutError):  # and every 0.1 s all the same: a missed signal costs no more
+            await asyncio.wait_for(changed.wait(), min(left, 0.1))
+    return True

@@ -72,6 +72,7 @@ class ReplicationSender:
         self.acked: dict[str, int] = {}
         self.sent: dict[str, tuple[int, float]] = {}  # replica -> (seq sent up to, when)
         self.wake = asyncio.Event()
+        self.acked_changed = asyncio.Event()  # for whoever waits for the replicas to catch up
         self.urgent = asyncio.Event()  # set by `hurry()`: no pacing any more
         self._last_sent, self._backlog = 0.0, False
 
@@ -87,6 +88,7 @@ class ReplicationSender:
             self.sent.pop(r, None)
         self.replicas = new
         self.wake.set()
+        self.acked_changed.set()  # a replica gone may be the one the end waited for
         return True
 
     def hurry(self) -> None:
@@ -113,6 +115,7 @@ class ReplicationSender:
             self.acked[node] = max(self.acked[node], seq)
             self.sent.pop(node, None)
             self.wake.set()
+            self.acked_changed.set()
 
     async def run(self) -> None:
         while True:
