@@ -64,6 +64,9 @@ class GridView:
         self.ignored: dict[str, str] = {}  # instance name -> reason (distinct services)
         self.dropped: Counter[str] = Counter()  # every dropped record, by reason
         self._newest: dict[str, int] = {}  # instance name -> newest timestamp accepted for it
+        # node id -> newest record accepted for it, kept after its goodbye: a record of a state it
+        # has left, read again from an mDNS cache, must not bring it back in that state.
+        self._last: dict[str, NodeRecord] = {}
 
     def offer(
         self,
@@ -81,7 +84,8 @@ class GridView:
             self._drop(instance_name, r.reason, r.detail)
             return None
         old = self.nodes.get(ann.node_id)
-        if old is not None and ann.timestamp_ms < old.ann.timestamp_ms:
+        last = self._last.get(ann.node_id)
+        if last is not None and ann.timestamp_ms < last.ann.timestamp_ms:
             # An older signed record than the one we hold: never go back in time. The very record
             # we last accepted for that service is a straggler (the state a node just left, read
             # again from the mDNS cache after its goodbye), not worth a warning; any other is a replay.
@@ -97,6 +101,9 @@ class GridView:
         self._newest[instance_name] = ann.timestamp_ms
         rec = NodeRecord(ann, addresses, port, old.first_seen if old else now, now)
         self.nodes[ann.node_id] = rec
+        if ann.node_id not in self._last and len(self._last) >= MAX_IGNORED:
+            del self._last[next(iter(self._last))]
+        self._last[ann.node_id] = rec
         self._instances[instance_name] = ann.node_id
         return rec
 
@@ -109,6 +116,17 @@ class GridView:
             del self.nodes[rec.ann.node_id]
             return rec
         return None
+
+    def restore(self, instance_name: str) -> NodeRecord | None:
+        """The service was announced again after its goodbye (the goodbye was a late one, for an
+        earlier registration of the name): its node is back with the newest record we had of it."""
+        node_id = instance_name.split(".", 1)[0]
+        last = self._last.get(node_id)
+        if node_id in self.nodes or last is None or last.ann.instance_name != instance_name:
+            return None
+        self.nodes[node_id] = last
+        self._instances[instance_name] = node_id
+        return last
 
     def _drop(self, instance_name: str, reason: str, detail: str) -> None:
         self.dropped[reason] += 1

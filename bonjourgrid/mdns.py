@@ -12,7 +12,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from zeroconf import DNSQuestionType, IPVersion, NonUniqueNameException, ServiceStateChange
+from zeroconf import (
+    DNSPointer,
+    DNSQuestionType,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceStateChange,
+    current_time_millis,
+)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from .announcement import SERVICE_TYPES, Announcement
@@ -23,6 +30,13 @@ log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
 MAX_PARALLEL_RESOLVES = 32
+# A goodbye leaves a record in caches for one second (RFC 6762 10.1). Then whether it is still there
+# says whether the goodbye was the last word on its service (see Browser._settled).
+GOODBYE_SETTLE_S = 1.25
+# And, whatever events zeroconf gave or did not give, this often every service the cache holds
+# live is made sure to be in the view (`Browser._reconcile`).
+RECONCILE_EVERY_S = 2.0
+_TYPE_PTR, _TYPE_TXT, _CLASS_IN = 12, 16, 1
 
 
 def open_zeroconf(addresses: list[str] | None) -> AsyncZeroconf:
@@ -109,6 +123,8 @@ class Browser:
         self.on_change = on_change
         self._browser: AsyncServiceBrowser | None = None
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._settling: dict[str, asyncio.TimerHandle] = {}
+        self._reconciler: asyncio.Task[None] | None = None
         self._again: set[str] = set()  # updated while being resolved: read once more
         self._slots = asyncio.Semaphore(MAX_PARALLEL_RESOLVES)
 
@@ -122,12 +138,17 @@ class Browser:
             handlers=[self._on_state_change],
             question_type=DNSQuestionType.QM,
         )
+        self._reconciler = asyncio.ensure_future(self._reconcile())
 
     async def stop(self) -> None:
         if self._browser is not None:
             await self._browser.async_cancel()
         for task in self._pending.values():
             task.cancel()
+        for timer in self._settling.values():
+            timer.cancel()
+        if self._reconciler is not None:
+            self._reconciler.cancel()
 
     def _on_state_change(
         self, zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange
@@ -140,6 +161,10 @@ class Browser:
             rec = self.view.remove(name)
             if rec is not None and self.on_change:
                 self.on_change("removed", rec)
+            if name in self._settling:
+                self._settling.pop(name).cancel()
+            self._settling[name] = asyncio.get_running_loop().call_later(
+                GOODBYE_SETTLE_S, self._settled, service_type, name)
             return
         if name in self._pending:
             self._again.add(name)  # one resolution per name at a time
@@ -148,6 +173,52 @@ class Browser:
             self.view.dropped["flood"] += 1
             return
         self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
+
+    async def _reconcile(self) -> None:
+        """A service live in the cache whose node the view lacks gets `_settled` (a safety net)."""
+        while True:
+            await asyncio.sleep(RECONCILE_EVERY_S)
+            try:
+                now = current_time_millis()
+                for service_type in SERVICE_TYPES.values():
+                    for ptr in self.azc.zeroconf.cache.get_all_by_details(service_type, _TYPE_PTR, _CLASS_IN):
+                        name = ptr.alias
+                        if (not ptr.is_expired(now) and name.split(".", 1)[0] not in self.view.nodes
+                                and name not in self.view.ignored  # another grid's, forged: read once is enough
+                                and name not in self._settling and name not in self._pending):
+                            self._settled(service_type, name)
+            except Exception:  # never let it stop: it is the view's last resort
+                log.exception("could not reconcile the grid view with the mDNS cache")
+
+    def _settled(self, service_type: str, name: str) -> None:
+        """A goodbye can be a late one: for an earlier registration of a name its node registered
+        again (a state it left and came back to within half a second, as a desktop does between two
+        short jobs). Its broadcasts then refresh the record while the goodbye expires it, and
+        zeroconf reports no new service for a record refreshed within the goodbye's second: the
+        node would stay out of the view, idle and never recruited. A record still cached once that
+        second is over was said again after the goodbye: read it."""
+        self._settling.pop(name, None)
+        ptr = self.azc.zeroconf.cache.async_get_unique(DNSPointer(service_type, _TYPE_PTR, _CLASS_IN, 0, name))
+        if ptr is None or ptr.is_expired(current_time_millis()):
+            return  # the goodbye was the last word: the node left that state
+        # The cache may still give the TXT record of the registration the goodbye was for (zeroconf
+        # reads the first of a name's records): the newest one we accepted is the one said again.
+        rec = self.view.restore(name)
+        if rec is not None and self.on_change:
+            self.on_change("updated", rec)
+        if name not in self._pending:
+            self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
+
+    def _newest_txt(self, name: str) -> dict[bytes, bytes | None] | None:
+        """The TXT record of `name` received last, if the cache holds several: zeroconf's
+        ServiceInfo reads the first one, which after a late goodbye (see `_settled`) is the
+        registration it was for, expiring, while the current one is cached beside it."""
+        now = current_time_millis()
+        live = [r for r in self.azc.zeroconf.cache.get_all_by_details(name, _TYPE_TXT, _CLASS_IN)
+                if not r.is_expired(now)]
+        if len(live) < 2:
+            return None
+        return txt_properties(max(live, key=lambda r: r.created).text)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         try:
@@ -161,7 +232,7 @@ class Browser:
                 rec = self.view.offer(
                     service_type,
                     name,
-                    dict(info.properties),
+                    self._newest_txt(name) or dict(info.properties),
                     tuple(info.parsed_addresses(IPVersion.V4Only)),
                     info.port or 0,
                     time.time(),
@@ -179,6 +250,19 @@ class Browser:
                 if name in self._again:
                     self._again.discard(name)
                     self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
+
+
+def txt_properties(text: bytes) -> dict[bytes, bytes | None]:
+    """A TXT record's `key=value` strings (length-prefixed, RFC 6763 6.1); the first of a key wins (6.4)."""
+    out: dict[bytes, bytes | None] = {}
+    i = 0
+    while i < len(text):
+        item = text[i + 1 : i + 1 + text[i]]
+        i += 1 + text[i]
+        key, eq, value = item.partition(b"=")
+        if key:
+            out.setdefault(key, value if eq else None)
+    return out
 
 
 async def browse(

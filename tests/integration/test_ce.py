@@ -137,6 +137,20 @@ def test_two_jobs_from_two_nodes_at_once_share_no_node(grid, tmp_path):
         assert preempted is None, f"{n.host.name} did not leave {preempted} for its own job"
 
 
+def test_one_short_job_after_another_always_finds_the_idle_desktops(grid, tmp_path):
+    """Per 1-task job a desktop goes idle, worker and idle again within tens of milliseconds, and the
+    mDNS goodbyes of its earlier registrations arrive after the new ones. Until 2026-11-23 the
+    coordinator's view lost idle desktops that way for good: three runs in three stalled within 100
+    jobs, each job then ending in "nobody can run this job: no node of this grid is visible"."""
+    g = grid(3)
+    nodes = g.start_all("--sample-interval", "2", "--log-level", "info")  # the defaults: fewer re-announcements
+    wait_for(lambda: all_idle(nodes), 30, 0.2, "three idle nodes")
+    for k in range(120):
+        code, summary, err = submit(nodes[0], "--results", str(tmp_path / f"r{k}"), "--tasks", "1", "--", "true",
+                                    timeout=60)
+        assert code == 0 and summary.get("state") == "done", (k, summary.get("message"), err[-2000:])
+
+
 def test_a_desktop_lent_to_a_ce_can_still_submit_its_own_job(grid, tmp_path):
     """Its owner's job comes first: the node leaves the CE it works for, which runs its tasks elsewhere."""
     g = grid(4)

@@ -66,3 +66,33 @@ def test_ignored_services_are_counted_once_per_service_and_bounded():
     for i in range(MAX_IGNORED + 50):
         offer(v, ann(node_id=f"{i:016x}"), key=other)
     assert len(v.ignored) == MAX_IGNORED
+
+
+def test_after_a_late_goodbye_the_state_a_node_left_does_not_bring_it_back_and_its_newest_record_does():
+    """A desktop between two short jobs: idle, worker, idle again within half a second. The goodbye of
+    its first idle registration arrives after the second one, and takes the node out of the view."""
+    v = GridView("lab", KEY)
+    first_idle = ann()
+    offer(v, first_idle)
+    worker = ann(Role.WORKER, ts=first_idle.timestamp_ms + 1, ce="c1", coordinator="fedcba9876543210", epoch=1)
+    offer(v, worker)
+    idle = ann(ts=worker.timestamp_ms + 1)
+    offer(v, idle)
+    assert v.remove(idle.instance_name) is not None  # the late goodbye
+    assert offer(v, worker) is None and offer(v, first_idle) is None  # read again from a cache: stale
+    assert idle.node_id not in v.nodes
+    back = v.restore(idle.instance_name)  # the idle service was announced again after the goodbye
+    assert back is not None and back.ann == idle and v.nodes[idle.node_id].ann.role is Role.IDLE
+    assert v.remove(idle.instance_name) is not None  # and a later goodbye still takes it out
+    assert v.restore(worker.instance_name) is None  # a service the node is not in now is no way back
+
+
+def test_txt_properties_reads_what_zeroconf_writes():
+    from zeroconf import ServiceInfo
+
+    from bonjourgrid.mdns import txt_properties
+
+    info = ServiceInfo("_x._tcp.local.", "a._x._tcp.local.", port=1, server="h.local.",
+                       properties={"k": "v=w", "flag": None, "empty": ""}, parsed_addresses=["10.0.0.1"])
+    assert txt_properties(info.text) == dict(info.properties) == {b"k": b"v=w", b"flag": None, b"empty": b""}
+    assert txt_properties(b"\x03a=1\x03a=2\x00") == {b"a": b"1"}  # the first of a key wins; empty strings skipped
