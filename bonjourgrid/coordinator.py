@@ -113,6 +113,7 @@ class CoordinatorCE:
         self._servers_stopping: list[asyncio.Future[None]] = []
         self._lock = asyncio.Lock()
         self._worker_left = asyncio.Event()  # the end waits for the workers' goodbyes
+        self._syncing: asyncio.Future[bool] | None = None
         self.journal_lock = asyncio.Lock()  # held by readers (export) so teardown never closes under them
         self.on_finish: Callable[[CoordinatorCE], Awaitable[None]] | None = None
         self.replication = ReplicationSender(self)
@@ -477,9 +478,9 @@ class CoordinatorCE:
                 if self._owed and self.half:  # tasks the journal refused to mark running: try again
                     self._owed = False
                     await self.half.tasks_requeued()
-                if now - last_sync >= SYNC_EVERY_S:
-                    last_sync = now
-                    await self.sync_journal()
+                if now - last_sync >= SYNC_EVERY_S and (self._syncing is None or self._syncing.done()):
+                    last_sync = now  # in its own task: a slow disk's fsync must not delay the heartbeats
+                    self._syncing = asyncio.ensure_future(self.sync_journal())
             except BusError as e:  # the bus said it lost the broker; the replicas may take over
                 log.debug("CE %s: no heartbeat: %s", self.ce, e)
             except Exception:
