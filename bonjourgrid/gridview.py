@@ -27,6 +27,7 @@ class NodeRecord:
     port: int
     first_seen: float
     last_update: float
+    in_service_since: float = 0.0  # when the node's record was first of this service (its state's)
 
     def to_json(self, now: float) -> dict[str, object]:
         a = self.ann
@@ -99,7 +100,8 @@ class GridView:
         if instance_name not in self._newest and len(self._newest) >= MAX_IGNORED:
             del self._newest[next(iter(self._newest))]
         self._newest[instance_name] = ann.timestamp_ms
-        rec = NodeRecord(ann, addresses, port, old.first_seen if old else now, now)
+        since = old.in_service_since if old is not None and old.ann.instance_name == instance_name else now
+        rec = NodeRecord(ann, addresses, port, old.first_seen if old else now, now, since)
         self.nodes[ann.node_id] = rec
         if ann.node_id not in self._last and len(self._last) >= MAX_IGNORED:
             del self._last[next(iter(self._last))]

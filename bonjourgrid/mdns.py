@@ -33,6 +33,9 @@ MAX_PARALLEL_RESOLVES = 32
 # A goodbye leaves a record in caches for one second (RFC 6762 10.1). Then whether it is still there
 # says whether the goodbye was the last word on its service (see Browser._settled).
 GOODBYE_SETTLE_S = 1.25
+# A goodbye for a service its node registered less than this long ago is most likely a late one, for
+# the registration before (zeroconf sends goodbyes over 250 ms): `Browser._settled` decides then.
+GOODBYE_BURST_S = 0.5
 # And, whatever events zeroconf gave or did not give, this often every service the cache holds
 # live is made sure to be in the view (`Browser._reconcile`).
 RECONCILE_EVERY_S = 2.0
@@ -158,9 +161,12 @@ class Browser:
             self._again.discard(name)
             if task:
                 task.cancel()
-            rec = self.view.remove(name)
-            if rec is not None and self.on_change:
-                self.on_change("removed", rec)
+            current = self.view.nodes.get(name.split(".", 1)[0])
+            if current is None or current.ann.instance_name != name \
+                    or time.time() - current.in_service_since >= GOODBYE_BURST_S:
+                rec = self.view.remove(name)
+                if rec is not None and self.on_change:
+                    self.on_change("removed", rec)
             if name in self._settling:
                 self._settling.pop(name).cancel()
             self._settling[name] = asyncio.get_running_loop().call_later(
@@ -196,11 +202,15 @@ class Browser:
         short jobs). Its broadcasts then refresh the record while the goodbye expires it, and
         zeroconf reports no new service for a record refreshed within the goodbye's second: the
         node would stay out of the view, idle and never recruited. A record still cached once that
-        second is over was said again after the goodbye: read it."""
+        second is over was said again after the goodbye: read it. One gone was the last word: the
+        node left that service (a removal left to us when the service was just registered)."""
         self._settling.pop(name, None)
         ptr = self.azc.zeroconf.cache.async_get_unique(DNSPointer(service_type, _TYPE_PTR, _CLASS_IN, 0, name))
-        if ptr is None or ptr.is_expired(current_time_millis()):
-            return  # the goodbye was the last word: the node left that state
+        if ptr is None or ptr.is_expired(current_time_millis()):  # the goodbye was the last word
+            rec = self.view.remove(name)  # if its removal was left to us
+            if rec is not None and self.on_change:
+                self.on_change("removed", rec)
+            return
         # The cache may still give the TXT record of the registration the goodbye was for (zeroconf
         # reads the first of a name's records): the newest one we accepted is the one said again.
         rec = self.view.restore(name)

@@ -76,10 +76,13 @@ def results_recorded_once(node: GridNode, job: str, n: int) -> int:
 
 def replicas_of(coordinator: GridNode, nodes: list[GridNode], k: int) -> list[GridNode]:
     """The CE's replicas in rank order, once the coordinator has named k of them."""
-    ids = {n["id"][:8]: n["host"] for n in coordinator.view()[0]}
     pattern = r"replicas \[" + ", ".join([r"'(\w+)'"] * k) + r"\]"
     ranked = wait_for(lambda: re.findall(pattern, coordinator.proc.output()), 30, 0.2, f"{k} replica(s)")[-1]
     ranked = (ranked,) if isinstance(ranked, str) else ranked
+    # The view is eventually consistent: right after a job, a desktop between two states (a goodbye
+    # seen, its next record not yet) is briefly out of it.
+    ids = wait_for(lambda: (v := {n["id"][:8]: n["host"] for n in coordinator.view()[0]}) and set(ranked) <= set(v)
+                   and v, 10, 0.2, "the replicas in the coordinator's view")
     return [next(n for n in nodes if n.host.name == ids[r]) for r in ranked]
 
 
