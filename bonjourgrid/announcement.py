@@ -89,6 +89,11 @@ class Announcement:
     def instance_name(self) -> str:
         return f"{self.node_id}.{self.service_type}"
 
+    @staticmethod
+    def node_id_of(instance_name: str) -> str:
+        """The node an instance name (`instance_name`'s form) is of, without reading its record."""
+        return instance_name.split(".", 1)[0]
+
     # -- encoding ------------------------------------------------------------
 
     def fields(self) -> dict[str, str]:

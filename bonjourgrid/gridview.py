@@ -122,7 +122,7 @@ class GridView:
     def restore(self, instance_name: str) -> NodeRecord | None:
         """The service was announced again after its goodbye (the goodbye was a late one, for an
         earlier registration of the name): its node is back with the newest record we had of it."""
-        node_id = instance_name.split(".", 1)[0]
+        node_id = Announcement.node_id_of(instance_name)
         last = self._last.get(node_id)
         if node_id in self.nodes or last is None or last.ann.instance_name != instance_name:
             return None

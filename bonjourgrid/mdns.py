@@ -161,7 +161,7 @@ class Browser:
             self._again.discard(name)
             if task:
                 task.cancel()
-            current = self.view.nodes.get(name.split(".", 1)[0])
+            current = self.view.nodes.get(Announcement.node_id_of(name))
             if current is None or current.ann.instance_name != name \
                     or time.time() - current.in_service_since >= GOODBYE_BURST_S:
                 rec = self.view.remove(name)
@@ -189,7 +189,7 @@ class Browser:
                 for service_type in SERVICE_TYPES.values():
                     for ptr in self.azc.zeroconf.cache.get_all_by_details(service_type, _TYPE_PTR, _CLASS_IN):
                         name = ptr.alias
-                        if (not ptr.is_expired(now) and name.split(".", 1)[0] not in self.view.nodes
+                        if (not ptr.is_expired(now) and Announcement.node_id_of(name) not in self.view.nodes
                                 and name not in self.view.ignored  # another grid's, forged: read once is enough
                                 and name not in self._settling and name not in self._pending):
                             self._settled(service_type, name)
