@@ -235,6 +235,7 @@ class Bus:
         self._sock: Any = None
         self._writer_on = False
         self._flush_scheduled = False
+        self._first_of_turn = False  # a write is scheduled, nothing published since: publish writes now
 
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True, reconnect_on_failure=False
@@ -350,6 +351,9 @@ class Bus:
             raise BusError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         if qos > 0:
             self._unacked.add(info.mid)
+        if self._first_of_turn:
+            self._first_of_turn = False
+            self._write()
 
     async def subscribe(self, pattern: str, handler: Handler, qos: int = 1) -> None:
         """Deliver envelopes on topics matching `pattern` to `handler`, one at a time, in arrival order."""
@@ -427,13 +431,21 @@ class Bus:
         self._flush()
 
     def _schedule_flush(self) -> None:
-        """Coalesce writes: everything queued until the loop runs again goes out in one loop_write."""
+        """Coalesce writes: everything queued until the loop runs again goes out in one loop_write.
+
+        But the first message published in a turn of the loop goes at once (`publish`): a lone
+        reply, the usual case, does not wait for the turn to end."""
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
+            self._first_of_turn = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._first_of_turn = False
+        self._write()
+
+    def _write(self) -> None:
         if self._sock is None:
             return
         try:

@@ -506,15 +506,15 @@ class Executor:
             return TaskOutcome.failure(f"could not start the task spawner: {e}", started)
         cancel.then(lambda: spawner.cancel(rid))  # its reply then says `cancelled`
         try:
-            # shield: if *we* are cancelled, the reply stays awaitable below, while the group is killed
-            msg = await asyncio.shield(reply)
+            msg = await reply
         except SpawnerDied as e:
             return TaskOutcome.failure(f"the task spawner died while running the task: {e}", started)
         except BaseException:
-            # asyncio cancellation (or anything unexpected): have the group killed, then let it propagate.
+            # asyncio cancellation (or anything unexpected): have the group killed, wait for its
+            # end, then let it propagate.
             spawner.cancel(rid)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(reply, self._kill_grace_s + 5)
+                await asyncio.wait_for(spawner.replied(rid), self._kill_grace_s + 5)
             raise
         if msg.get("error"):
             return TaskOutcome.failure(str(msg["error"]), started)

@@ -54,6 +54,11 @@ AHEAD_PER_SLOT = 8
 AHEAD_INPUT_BYTES = 64 << 20  # per slot, in the sandboxes of the tasks ahead
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class NativeBackend(Backend):
     name = "native"
     description = "built in: tasks as processes or docker containers, pulled by the workers over the CE bus"
@@ -130,7 +135,10 @@ class NativeWorker(WorkerHalf):
         self.running_now: set[int] = set()
         self.sent_at: dict[tuple[int, int], float] = {}
         self._results: list[dict[str, Any]] = []
-        self._flush = asyncio.Event()
+        # The sender sleeps on this future; `_kick` resolves it. (An Event waited on through
+        # wait_for cost a task and two more turns of the event loop per message.)
+        self._wake: asyncio.Future[None] | None = None
+        self._kicked = False
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inputs_ready: asyncio.Task[Path] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -230,7 +238,7 @@ class NativeWorker(WorkerHalf):
         offered meanwhile may be lost (the coordinator reruns those we do not have)."""
         self._results = list(self.unacked.values())
         self.sent_at.clear()
-        self._flush.set()
+        self._kick()
         self.outstanding = 0
         await self._pull()
 
@@ -273,9 +281,9 @@ class NativeWorker(WorkerHalf):
         self.unacked[(index, attempt)] = result
         self._results.append(result)
         if self.in_hand == 0 or self._running_dry() or len(self._results) >= COALESCE_MAX or self._want() > 0:
-            self._flush.set()  # idle, about to run dry, or the buffer is half empty: the pull rides along
+            self._kick()  # idle, about to run dry, or the buffer is half empty: the pull rides along
         elif self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_S, self._flush.set)
+            self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_S, self._kick)
         if sandbox is not None:
             self.sandboxes.give_back(sandbox)
 
@@ -364,12 +372,26 @@ class NativeWorker(WorkerHalf):
                     warned = True
                 await asyncio.sleep(RESEND_S)
 
+    def _kick(self) -> None:
+        """Have the sender run once this turn of the event loop is over: results that end together
+        go in one message."""
+        self._kicked = True
+        if self._wake is not None:
+            _resolve(self._wake)
+
     async def _send_results_forever(self) -> None:
         """Batch whatever finished since the last send, with the next pull; resend what was never acknowledged."""
+        loop = asyncio.get_running_loop()
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._flush.wait(), RESEND_S)
-            self._flush.clear()
+            if not self._kicked:
+                self._wake = wake = loop.create_future()
+                timer = loop.call_later(RESEND_S, _resolve, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
+            self._kicked = False
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None

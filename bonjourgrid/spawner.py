@@ -510,7 +510,11 @@ class SpawnerClient:
 
     Plain pipe transports rather than an asyncio subprocess: closing our end of stdin is how the
     spawner is told to stop (it then kills what still runs), and nothing else needs closing.
+    Replies are read by the pipe's protocol and handed to their futures at once: through a
+    StreamReader and a reading task, each cost another turn of the event loop.
     """
+
+    MAX_REPLY = 16 << 20  # a reply holds two capped, base64-encoded streams
 
     def __init__(self, argv: tuple[str, ...], preexec: Any, nice: int = 0) -> None:
         """Starts the spawner now (so that concurrent first tasks share it); `submit` waits for the pipes.
@@ -521,35 +525,48 @@ class SpawnerClient:
         self.loop = asyncio.get_running_loop()
         self.popen = subprocess.Popen([*argv, sys.executable, "-I", "-S", os.path.abspath(__file__), str(nice)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=preexec)
-        self.reader = asyncio.StreamReader(limit=16 << 20)  # a reply holds two capped, base64-encoded streams
         self.writer: Any = None
-        self.pending: dict[int, Any] = {}
+        self.pending: dict[int, Any] = {}  # request id -> its reply's future, until the reply comes
+        self.waiters: dict[int, Any] = {}  # request id -> futures of `replied`
         self.next_id = 0
         self.unsent: list[bytes] = []
+        self.inbuf = b""
         self.dead: str | None = None
         self.last_used = time.monotonic()
         self._ready = self.loop.create_task(self._connect())
-        self._reader_task = self.loop.create_task(self._read())
 
     async def _connect(self) -> None:
         import asyncio
 
-        await self.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self.reader), self.popen.stdout)
-        self.writer, _ = await self.loop.connect_write_pipe(asyncio.Protocol, self.popen.stdin)
+        client = self
+
+        class Replies(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                client._received(data)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                client._died("the task spawner exited" if exc is None else f"the task spawner failed: {exc}")
+
+        try:
+            await self.loop.connect_read_pipe(Replies, self.popen.stdout)
+            self.writer, _ = await self.loop.connect_write_pipe(asyncio.Protocol, self.popen.stdin)
+        except Exception as e:
+            self._died(f"could not talk to the task spawner: {e}")
 
     def alive(self) -> bool:
         return self.dead is None and self.popen.poll() is None
 
     async def submit(self, request: dict[str, Any]) -> tuple[int, Any]:
-        """Start a task: (request id, future of its reply). The future fails with SpawnerDied."""
+        """Start a task: (request id, future of its reply). The future fails with SpawnerDied.
+
+        Cancelling the future does not stop the task: `cancel` does, and `replied` waits for
+        the task's end."""
         await self._ready
         if self.dead is not None or self.popen.returncode is not None:  # poll()ed by the caller just now
             raise SpawnerDied(self.dead or "the task spawner exited")
         self.next_id += 1
         rid = self.next_id
-        fut = self.loop.create_future()
-        self.pending[rid] = fut
-        fut.add_done_callback(lambda _f: self.pending.pop(rid, None))
+        fut = self.pending[rid] = self.loop.create_future()
         self.last_used = time.monotonic()
         self._write({**request, "op": "run", "id": rid})
         return rid, fut
@@ -557,6 +574,15 @@ class SpawnerClient:
     def cancel(self, request_id: int) -> None:
         """SIGTERM the task's group, SIGKILL it after the grace; its reply says `cancelled`."""
         self._write({"op": "cancel", "id": request_id})
+
+    def replied(self, request_id: int) -> Any:
+        """A future done once the request's reply has come (at once if it has) or the spawner died."""
+        fut = self.loop.create_future()
+        if request_id in self.pending:
+            self.waiters.setdefault(request_id, []).append(fut)
+        else:
+            fut.set_result(None)
+        return fut
 
     def _write(self, msg: dict[str, Any]) -> None:
         """Queued until the end of this turn of the event loop: tasks handed over together are one write."""
@@ -570,20 +596,37 @@ class SpawnerClient:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(data)
 
-    async def _read(self) -> None:
+    def _received(self, data: bytes) -> None:
+        if self.dead is not None:
+            return
+        *lines, self.inbuf = (self.inbuf + data).split(b"\n")
         try:
-            await self._ready
-            while line := await self.reader.readline():
+            if len(self.inbuf) > self.MAX_REPLY:
+                raise ValueError(f"a reply longer than {self.MAX_REPLY} bytes")
+            for line in lines:
                 msg = json.loads(line)
-                fut = self.pending.get(msg.get("id"))
+                rid = msg.get("id")
+                fut = self.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-            self.dead = "the task spawner exited"
+                for waiter in self.waiters.pop(rid, ()):
+                    if not waiter.done():
+                        waiter.set_result(None)
         except Exception as e:  # a reply too long or garbled: this spawner cannot be trusted any more
-            self.dead = f"the task spawner failed: {e}"  # closing its stdin below stops it and its tasks
-        for fut in list(self.pending.values()):
+            self._died(f"the task spawner failed: {e}")  # closing its stdin stops it and its tasks
+
+    def _died(self, reason: str) -> None:
+        if self.dead is not None:
+            return
+        self.dead = reason
+        for fut in self.pending.values():
             if not fut.done():
-                fut.set_exception(SpawnerDied(self.dead))
+                fut.set_exception(SpawnerDied(reason))
+        for waiter in (w for ws in self.waiters.values() for w in ws):
+            if not waiter.done():
+                waiter.set_result(None)  # no task of a dead spawner runs on
+        self.pending.clear()
+        self.waiters.clear()
         self.close()
         self.popen.poll()  # reap it if it is gone (never block the event loop on it)
 

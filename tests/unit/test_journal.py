@@ -63,10 +63,14 @@ def make_job(j: Journal, job_id: str = "job1", n: int = 4) -> None:
 # ------------------------------------------------------------- opening ----
 
 
-def test_open_uses_wal_full_sync_and_a_schema_version(journal: Journal) -> None:
+def test_open_uses_wal_full_sync_for_durable_batches_and_a_schema_version(journal: Journal) -> None:
     conn = journal._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with journal.batch():
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the commit syncs
+    with journal.batch(durable=False):
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # what a durable batch sets itself
     assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
     assert journal.epoch() == 1
     assert journal.last_seq() == 0
@@ -602,7 +606,8 @@ def test_a_non_durable_batch_commits_and_leaves_later_commits_durable(tmp_path: 
     j.create_job("job", {"name": "x"}, [{"argv": ["true"]}] * 2, submitter="me", created_at=0.0)
     with j.batch(durable=False):
         j.mark_running("job", 0, "n1", 1.0)
-    assert j._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL for results
+    with j.batch():
+        assert j._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again for a durable one
     j.close()
     again = Journal.open(tmp_path / "j.db")
     assert again.task("job", 0).state == "running"
