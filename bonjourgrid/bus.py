@@ -34,15 +34,16 @@ import logging
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from . import eager
 from .envelope import MAX_MESSAGE_BYTES, BadMessage, Envelope, Opener, new_nonce, seal
 from .gridkey import GridKey
 
@@ -187,8 +188,8 @@ class _Subscription:
     pattern: str
     handler: Handler
     qos: int
-    queue: asyncio.Queue[tuple[str, Envelope]]
-    task: asyncio.Task[None] | None = None
+    waiting: deque[tuple[str, Envelope]] = field(default_factory=deque)  # not handed to the handler yet
+    task: asyncio.Task[None] | None = None  # a handler that had to wait, then the messages behind it
 
 
 class Bus:
@@ -277,8 +278,6 @@ class Bus:
             wtopic, wenv = self._will
             payload = seal_will(self._key, self.grid, wenv, self.session, time.time())
             self._client.will_set(wtopic, payload, qos=1, retain=False)
-        for sub in self._subs:
-            self._start_worker(sub)
         self._connect_fut = loop.create_future()
         deadline = loop.time() + timeout
         with contextlib.suppress(RuntimeError):  # paho refuses to change it once a connection was made
@@ -310,6 +309,7 @@ class Bus:
         # resubscribe (clean session): subscriptions made before connect, or before a reconnect
         for sub in self._subs:
             await self._send_subscribe(sub)
+        self._dispatch()  # what came before a reconnect and was not handled yet
 
     async def close(self) -> None:
         """Clean disconnect (the broker does not fire the will); stops handler tasks. Idempotent."""
@@ -359,23 +359,28 @@ class Bus:
         """Deliver envelopes on topics matching `pattern` to `handler`, one at a time, in arrival order."""
         if not pattern:
             raise ValueError("empty topic filter")
-        sub = _Subscription(pattern, handler, qos, asyncio.Queue())
+        sub = _Subscription(pattern, handler, qos)
         self._subs.append(sub)
-        if self._loop is not None and not self._closing:
-            self._start_worker(sub)
         if self.connected:
             await self._send_subscribe(sub)
 
     # -- internals: event-loop side -----------------------------------------------------------
 
-    def _start_worker(self, sub: _Subscription) -> None:
-        if sub.task is None or sub.task.done():
-            assert self._loop is not None
-            sub.task = self._loop.create_task(self._worker(sub), name=f"bus-sub-{sub.pattern}")
+    def _dispatch(self) -> None:
+        """Hand what arrived to the handlers now, in this turn of the event loop, not the next one.
 
-    async def _worker(self, sub: _Subscription) -> None:
-        while True:
-            t, env = await sub.queue.get()
+        A handler that has to wait goes on as a task, and the messages of its subscription wait
+        behind it: one at a time, in arrival order. Most handlers never wait, and a reply to a
+        message then leaves within the turn that read it (`eager`)."""
+        if self._closing:
+            return
+        for sub in self._subs:
+            if sub.waiting and (sub.task is None or sub.task.done()):
+                sub.task = eager.start(self._drain(sub))
+
+    async def _drain(self, sub: _Subscription) -> None:
+        while sub.waiting:
+            t, env = sub.waiting.popleft()
             try:
                 r = sub.handler(t, env)
                 if inspect.isawaitable(r):
@@ -425,6 +430,7 @@ class Bus:
                     break
         except Exception:
             log.exception("bus read failed")
+        self._dispatch()  # before the flush: a reply then shares one write with the PUBACKs
         self._flush()
 
     def _on_writable(self) -> None:
@@ -581,4 +587,4 @@ class Bus:
             return
         for sub in self._subs:
             if mqtt.topic_matches_sub(sub.pattern, t):
-                sub.queue.put_nowait((t, env))
+                sub.waiting.append((t, env))

@@ -148,6 +148,7 @@ class CoordinatorCE:
             (self.dir / SUBMITTED_HERE).write_text(json.dumps({"job_id": self.job_id, "name": self.job.name}))
             if not self.staged:
                 self.inputs = await asyncio.to_thread(stage_inputs, self.job, self.dir)
+        await asyncio.to_thread(self.journal.warm_up, self.job_id)
         (self.dir / "inputs.json").write_text(json.dumps(self.inputs))
         user, password = self._bus_auth = bus_credentials(self.key, self.grid, self.ce)
         if self.external_broker:

@@ -62,6 +62,10 @@ FINISHED_JOB_STATES = ("done", "failed", "cancelled")
 # ---------------------------------------------------------------- errors ----
 
 
+class _RolledBack(Exception):
+    """Raised inside a batch to roll it back on purpose (`Journal.warm_up`)."""
+
+
 class JournalError(Exception):
     """Base class of every error raised by the journal."""
 
@@ -514,6 +518,25 @@ class Journal:
             return fn()
         finally:
             self._mutex.release()
+
+    def warm_up(self, job_id: str) -> None:
+        """Compile the statements of a task's start and result, in a transaction rolled back.
+
+        sqlite3 compiles each statement once per connection, and a CE opens a new journal: its
+        first task and first result would each wait for that, a tenth of a millisecond of a 3 ms
+        round trip. Nothing of the job changes; a job with no pending task is left alone.
+        """
+        with self._mutex:
+            row = self._conn.execute("SELECT idx FROM tasks WHERE job_id=? AND state='pending' LIMIT 1",
+                                     (job_id,)).fetchone()
+            if row is None:
+                return
+            index = row[0]
+            with contextlib.suppress(_RolledBack), self.batch(durable=False):
+                self.mark_running_many(job_id, [index], "warm-up", 0.0)
+                self.record_results(job_id, [(index, ResultRecord(exit_code=0, started_at=0.0, finished_at=0.0,
+                                                                  node_id="warm-up", attempt=1))])
+                raise _RolledBack
 
     def sync(self) -> None:
         """Make every commit so far survive a power cut, after `batch(durable=False)` ones.

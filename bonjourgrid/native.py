@@ -20,9 +20,11 @@ import contextlib
 import logging
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+from . import eager
 from .backend import Backend, CoordinatorHalf, WorkerHalf
 from .bus import BusError
 from .coordinator import CoordinatorCE
@@ -123,7 +125,7 @@ class NativeWorker(WorkerHalf):
     def __init__(self, worker: WorkerCE) -> None:
         super().__init__(worker)
         self.executor = worker.daemon.task_executor()  # the node's: its spawners outlive a CE
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.backlog: deque[dict[str, Any]] = deque()  # tasks received, waiting for a free slot
         self.outstanding = 0  # tasks asked for and not yet received
         self.in_hand = 0  # received and not yet finished
         self.unacked: dict[tuple[int, int], dict[str, Any]] = {}
@@ -144,7 +146,7 @@ class NativeWorker(WorkerHalf):
         self._running: set[asyncio.Task[None]] = set()
         # Docker containers start only on a free slot.
         self._queued = worker.config.get("runtime", "process") == "process"
-        self._free_slots = asyncio.Semaphore(worker.slots * self._per_slot(worker.config))
+        self._free_slots = worker.slots * self._per_slot(worker.config)
         self.sandboxes = SandboxPool(worker.dir / "tasks")
         self._avg_task_s = 1.0  # pessimistic until measured: start with a shallow buffer
         self._send_failing = False
@@ -162,12 +164,7 @@ class NativeWorker(WorkerHalf):
                 self.sandboxes.reserve(self.worker.slots)
             except OSError as e:  # a full disk, say: each task then reports it when it needs its sandbox
                 log.warning("CE %s: could not prepare the task sandboxes: %s", self.worker.ce, e)
-            while True:
-                item = await self.queue.get()
-                await self._free_slots.acquire()
-                task = asyncio.ensure_future(self._run_one(item))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+            await asyncio.get_running_loop().create_future()  # tasks come in `on_message`, until cancelled
         finally:
             sender.cancel()
             for t in list(self._running):
@@ -217,7 +214,8 @@ class NativeWorker(WorkerHalf):
             for item in items:
                 self.in_hand += 1
                 self.running_now.add(int(item["index"]))
-                self.queue.put_nowait(item)
+                self.backlog.append(item)
+            self._start_backlog()
         elif env.kind == "cancel":
             for t in list(self._running):
                 t.cancel()
@@ -258,6 +256,21 @@ class NativeWorker(WorkerHalf):
                                         f["sha256"], dest)
         return cache
 
+    def _start_backlog(self) -> None:
+        """Start what waits, while slots are free: each up to its hand-over to the spawner, in
+        this turn of the event loop (`eager`)."""
+        while self.backlog and self._free_slots:
+            item = self.backlog.popleft()
+            self._free_slots -= 1
+            try:
+                task = eager.start(self._run_one(item))
+            except Exception:  # a bug of ours, as a task that fails later would be: said, not fatal
+                log.exception("CE %s: task %s: the worker failed", self.worker.ce, item.get("index"))
+                continue
+            if task is not None:
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
     async def _run_one(self, item: dict[str, Any]) -> None:
         index, attempt = int(item["index"]), int(item["attempt"])
         self.running_now.add(index)
@@ -277,7 +290,9 @@ class NativeWorker(WorkerHalf):
         finally:
             self.in_hand -= 1
             self.running_now.discard(index)
-            self._free_slots.release()
+            self._free_slots += 1
+            if self.backlog:  # the next turn: a task that fails at once must not start the next one inside it
+                asyncio.get_running_loop().call_soon(self._start_backlog)
         self.unacked[(index, attempt)] = result
         self._results.append(result)
         if self.in_hand == 0 or self._running_dry() or len(self._results) >= COALESCE_MAX or self._want() > 0:

@@ -675,3 +675,23 @@ def test_changes_since_keeps_a_batch_within_a_byte_budget_but_always_sends_the_f
     assert [c.seq for c in j.changes_since(1, 100, max_bytes=1 << 20)] == [2, 3, 4, 5, 6]
     small = len(json.dumps(everything[1].payload))
     assert len(j.changes_since(1, 100, max_bytes=2 * small + 10)) == 2
+
+
+def test_warm_up_leaves_the_job_as_it_was(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path / "j.db")
+    j.create_job("job", {"name": "x"}, [{"argv": ["true"]}] * 3, submitter="me", created_at=0.0)
+    j.mark_running("job", 0, "n1", 1.0)
+    before = (j.last_seq(), [(t.state, t.attempts, t.node_id) for t in j.tasks("job")], j.unsynced)
+    j.warm_up("job")
+    assert (j.last_seq(), [(t.state, t.attempts, t.node_id) for t in j.tasks("job")], j.unsynced) == before
+    assert j.changes_since(before[0]) == [] and list(j.results("job")) == []
+    with j.batch(durable=False):  # and the real first task runs as it would have
+        assert j.mark_running_many("job", [1], "n1", 2.0) == ([(1, 1)], {})
+    r = ResultRecord(exit_code=0, started_at=2.0, finished_at=3.0, node_id="n1", attempt=1)
+    assert j.record_results("job", [(1, r)]) == [True]
+    assert [t.state for t in j.tasks("job")] == ["running", "done", "pending"]
+    j.close()
+    again = Journal.open(tmp_path / "j.db")
+    again.warm_up("nothing")  # an unknown job, or one with no pending task: nothing to do
+    assert [i for i, _ in again.results("job")] == [1]
+    again.close()

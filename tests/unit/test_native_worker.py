@@ -34,10 +34,18 @@ def executor():
 
 
 def _take_one(half: NativeWorker, index: int) -> dict:
-    """What `on_message` and `run` do before a task's coroutine starts."""
+    """What `on_message` does with a task before it goes in the backlog."""
     half.in_hand += 1
     half.running_now.add(index)
     return {"index": index, "attempt": 1, "argv": ["true"], "env": {}}
+
+
+async def _run_through_the_backlog(half: NativeWorker, index: int) -> None:
+    """As `on_message` runs a task: into the backlog, then started on a free slot; to its end."""
+    half.backlog.append(_take_one(half, index))
+    half._start_backlog()
+    while half._running:
+        await asyncio.gather(*half._running)
 
 
 def test_a_sandbox_that_cannot_be_made_fails_the_attempt_and_frees_the_slot(tmp_path, executor):
@@ -47,8 +55,7 @@ def test_a_sandbox_that_cannot_be_made_fails_the_attempt_and_frees_the_slot(tmp_
         (worker.dir / "tasks").write_text("not a directory")  # every sandbox's mkdir fails, even as root
         half = NativeWorker(worker)
         half._inputs_ready = asyncio.ensure_future(asyncio.sleep(0, result=worker.dir / "inputs"))
-        await half._free_slots.acquire()
-        await half._run_one(_take_one(half, 7))
+        await _run_through_the_backlog(half, 7)
         return half
 
     half = asyncio.run(main())
@@ -57,7 +64,7 @@ def test_a_sandbox_that_cannot_be_made_fails_the_attempt_and_frees_the_slot(tmp_
     assert "could not make the task's sandbox" in result["error"]
     assert half.unacked == {(7, 1): result}  # sent, and resent until acknowledged
     assert half.in_hand == 0 and not half.running_now
-    assert half._free_slots._value == AHEAD_PER_SLOT  # the slot (and the tasks ahead of it) are free again
+    assert half._free_slots == AHEAD_PER_SLOT  # the slot (and the tasks ahead of it) are free again
 
 
 def test_an_output_gone_before_it_is_sent_fails_the_attempt_clearly(tmp_path, executor):
@@ -103,14 +110,13 @@ def test_an_unexpected_error_in_the_worker_fails_the_attempt_and_frees_the_slot(
         half = NativeWorker(worker)
         half._inputs_ready = asyncio.ensure_future(asyncio.sleep(0, result=tmp_path / "inputs"))
         monkeypatch.setattr(executor, "run", broken_run)
-        await half._free_slots.acquire()
-        await half._run_one(_take_one(half, 4))
+        await _run_through_the_backlog(half, 4)
         return half
 
     half = asyncio.run(main())
     [result] = half._results
     assert result["ok"] is False and "RuntimeError('a bug')" in result["error"]
-    assert half.in_hand == 0 and half._free_slots._value == AHEAD_PER_SLOT
+    assert half.in_hand == 0 and half._free_slots == AHEAD_PER_SLOT
     assert (tmp_path / "tasks" / "slot-1").is_dir() and half.sandboxes.take().name == "slot-1"  # given back
     assert "the worker failed" in caplog.text
 
