@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .cli import (
     GridOpt,
@@ -220,10 +218,8 @@ async def _follow(node: LocalNode, job: str, total: int, quiet: bool,
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=err, transient=False, disable=quiet) as bar:
+        with _progress(quiet) as bar:
             t = bar.add_task(job, total=total, info="starting")
             while True:
                 asked = loop.time()
@@ -311,7 +307,37 @@ async def fetch_results(node: LocalNode, job: str, dest: Path) -> dict[str, Any]
     return {**listing["status"], "results_dir": str(dest)}
 
 
-async def _ask_cancel(bar: Progress) -> bool:
+def _progress(quiet: bool) -> Any:
+    """The job's progress bar on stderr; with `quiet`, nothing (and rich is not even imported)."""
+    if quiet:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err.rich, transient=False)
+
+
+class _NoProgress:
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+async def _ask_cancel(bar: Any) -> bool:
     if not sys.stdin.isatty():
         return True
     bar.stop()
@@ -344,6 +370,8 @@ def jobs(key_file: KeyFileOpt = None, grid: GridOpt = "default", state_dir: Stat
     if as_json:
         print(json.dumps(listed, indent=2))
         return
+    from rich.table import Table
+
     table = Table(title=f"{len(listed)} job(s)", title_justify="left")
     # The id in full, folded if need be: `status`, `results` and `cancel` take it.
     table.add_column("job", overflow="fold", ratio=1)
