@@ -32,6 +32,7 @@ from .jobspec import JobFileError, JobSpec, load_job, sweep_job
 from .localnode import FINAL_STATES, LocalNode, NodeUnavailable, RequestFailed, find_job, wait_for_node
 from .paths import default_state_dir
 from .sandbox import safe_join
+from .summary import summary_text
 
 
 def _node(key_file: Path | None, grid: str, state_dir: Path | None) -> LocalNode:
@@ -301,7 +302,7 @@ async def fetch_results(node: LocalNode, job: str, dest: Path) -> dict[str, Any]
         await asyncio.gather(*(fetch(rel) for rel, _size in listing["files"]))
         summary = json.loads((dest / "summary.json").read_text())
         summary["results_dir"] = str(dest)
-        (dest / "summary.json").write_text(json.dumps(summary, indent=2))
+        (dest / "summary.json").write_text(summary_text(summary))
     except OSError as e:  # a full disk here, say: the node still has them
         raise RequestFailed(f"cannot write the results into {dest}: {e}") from None
     return {**listing["status"], "results_dir": str(dest)}

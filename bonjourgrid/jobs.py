@@ -25,6 +25,7 @@ from .journal import FINISHED_JOB_STATES, Journal, JournalError, ResultRecord
 from .paths import replace_file
 from .replication import LEFT_MARKER
 from .sandbox import safe_join
+from .summary import summary_text
 
 log = logging.getLogger("bonjourgrid.jobs")
 
@@ -361,7 +362,7 @@ def _export(journal: Journal, ce_dir: Path, job: str, dest: Path, status: dict[s
         os.close(root)
     if final:
         summary = {**status, "results_dir": str(dest), "tasks": tasks}
-        (dest / "summary.json").write_text(json.dumps(summary, indent=2))
+        (dest / "summary.json").write_text(summary_text(summary))
     return {**status, "results_dir": str(dest), "mark": mark}
 
 
