@@ -167,6 +167,7 @@ class NativeWorker(WorkerHalf):
             await asyncio.get_running_loop().create_future()  # tasks come in `on_message`, until cancelled
         finally:
             sender.cancel()
+            self.backlog.clear()  # nothing starts once the CE is over (a task ending would start the next)
             for t in list(self._running):
                 t.cancel()
 

@@ -128,3 +128,32 @@ def test_tasks_wait_in_the_spawner_several_per_slot_unless_each_would_copy_big_i
     big = [{"dest": "a", "sha256": "0" * 64, "size": AHEAD_INPUT_BYTES // 2}]
     assert NativeWorker._per_slot({"inputs": big}) == 2  # the running task and one ahead
     assert NativeWorker._per_slot({"runtime": "docker"}) == 1  # containers start on a free slot only
+
+
+def test_no_task_starts_once_the_ce_is_over(tmp_path, executor):
+    """A task that ends frees its slot and starts the next of the backlog: not after the CE ended."""
+    async def main():
+        half = NativeWorker(_WorkerCE(tmp_path, executor))
+
+        async def no_pull() -> None:
+            pass
+
+        half._pull = no_pull  # type: ignore[method-assign]
+        half._free_slots = 0  # every slot busy: what comes waits in the backlog
+        half.backlog.extend(_take_one(half, i) for i in range(3))
+        run = asyncio.ensure_future(half.run())
+        await asyncio.sleep(0.05)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        half._free_slots = 1  # the busy slot frees now, as a task's end does
+        half._start_backlog()
+        started = set(half._running)
+        for t in started:
+            t.cancel()
+        await asyncio.gather(*started, return_exceptions=True)
+        executor.close()  # its spawner, on this event loop
+        return half, started
+
+    half, started = asyncio.run(main())
+    assert not started and not half.backlog
