@@ -23,10 +23,19 @@ def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None] | None:
     An exception `coro` raises before it waits propagates here; its result is dropped.
     """
     try:
-        waiting_on = coro.send(None)
+        waiting_on = _taken(coro.send(None))
     except StopIteration:
         return None
     return asyncio.get_running_loop().create_task(_rest(coro, waiting_on))
+
+
+def _taken(waiting_on: Any) -> Any:
+    """What a task does with the future its coroutine yields, at once: clear the flag that says it
+    is being waited on. Another coroutine awaiting the same future before that would fail ("await
+    wasn't used with future")."""
+    if getattr(waiting_on, "_asyncio_future_blocking", None):
+        waiting_on._asyncio_future_blocking = False
+    return waiting_on
 
 
 async def _rest(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
@@ -37,7 +46,6 @@ async def _rest(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
             if waiting_on is None:  # a bare yield: asyncio.sleep(0)
                 await asyncio.sleep(0)
             elif getattr(waiting_on, "_asyncio_future_blocking", None) is not None:
-                waiting_on._asyncio_future_blocking = False
                 await waiting_on  # cancelling us cancels it, as a task cancels what it waits on
             else:
                 error = RuntimeError(f"a coroutine started eagerly yielded {waiting_on!r}, not a future")
@@ -48,6 +56,6 @@ async def _rest(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
         except Exception:  # the future's exception: `coro` gets it from the future when it resumes
             pass
         try:
-            waiting_on = coro.send(None) if error is None else coro.throw(error)
+            waiting_on = _taken(coro.send(None) if error is None else coro.throw(error))
         except StopIteration:
             return

@@ -139,3 +139,23 @@ def test_a_cancellation_that_comes_as_the_future_completes_still_reaches_the_cor
         assert seen == ["cancelled"]
 
     run(main())
+
+
+def test_several_coroutines_can_wait_on_the_same_future() -> None:
+    """As tasks can: a worker's first tasks all wait for its spawner's connection."""
+    seen = []
+
+    async def connect() -> str:
+        await asyncio.sleep(0.01)
+        return "ready"
+
+    async def user(ready: asyncio.Task[str], i: int) -> None:
+        seen.append((i, await ready))
+
+    async def main() -> None:
+        ready = asyncio.get_running_loop().create_task(connect())
+        tasks = [eager.start(user(ready, i)) for i in range(3)]
+        await asyncio.gather(*[t for t in tasks if t is not None])
+        assert sorted(seen) == [(0, "ready"), (1, "ready"), (2, "ready")]
+
+    run(main())
