@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .announcement import Announcement, Rejected, Role, parse_announcement
@@ -73,17 +74,26 @@ class GridView:
         self,
         service_type: str,
         instance_name: str,
-        txt: dict[bytes, bytes | None],
+        txts: Iterable[dict[bytes, bytes | None]],
         addresses: tuple[str, ...],
         port: int,
         now: float,
     ) -> NodeRecord | None:
-        """Take one resolved record; return the node's record if the view changed."""
-        try:
-            ann = parse_announcement(service_type, instance_name, txt, self.key, self.grid, int(now * 1000))
-        except Rejected as r:
-            self._drop(instance_name, r.reason, r.detail)
+        """Take a resolved service; return the node's record if the view changed.
+
+        `txts` is every TXT record a cache holds for the service: for a moment after a node says a
+        new one, the one it replaces is cached beside it, and nothing but the signed timestamps
+        tells which is newer (a cache restamps the old one as it marks it to expire)."""
+        authentic = []
+        for txt in txts:
+            try:
+                authentic.append(
+                    parse_announcement(service_type, instance_name, txt, self.key, self.grid, int(now * 1000)))
+            except Rejected as r:
+                self._drop(instance_name, r.reason, r.detail)
+        if not authentic:
             return None
+        ann = max(authentic, key=lambda a: a.timestamp_ms)
         old = self.nodes.get(ann.node_id)
         last = self._last.get(ann.node_id)
         if last is not None and ann.timestamp_ms < last.ann.timestamp_ms:

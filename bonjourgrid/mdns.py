@@ -219,16 +219,13 @@ class Browser:
         if name not in self._pending:
             self._pending[name] = asyncio.ensure_future(self._resolve(service_type, name))
 
-    def _newest_txt(self, name: str) -> dict[bytes, bytes | None] | None:
-        """The TXT record of `name` received last, if the cache holds several: zeroconf's
-        ServiceInfo reads the first one, which after a late goodbye (see `_settled`) is the
-        registration it was for, expiring, while the current one is cached beside it."""
+    def _live_txts(self, name: str) -> list[dict[bytes, bytes | None]]:
+        """Every TXT record of `name` the cache holds live. After a late goodbye (see `_settled`), or
+        for the second after a node replaces its record, the one replaced is cached beside the
+        current one, and zeroconf's ServiceInfo may read either: the view picks by signed time."""
         now = current_time_millis()
-        live = [r for r in self.azc.zeroconf.cache.get_all_by_details(name, _TYPE_TXT, _CLASS_IN)
+        return [txt_properties(r.text) for r in self.azc.zeroconf.cache.get_all_by_details(name, _TYPE_TXT, _CLASS_IN)
                 if not r.is_expired(now)]
-        if len(live) < 2:
-            return None
-        return txt_properties(max(live, key=lambda r: r.created).text)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         try:
@@ -242,7 +239,7 @@ class Browser:
                 rec = self.view.offer(
                     service_type,
                     name,
-                    self._newest_txt(name) or dict(info.properties),
+                    self._live_txts(name) or [dict(info.properties)],
                     tuple(info.parsed_addresses(IPVersion.V4Only)),
                     info.port or 0,
                     time.time(),

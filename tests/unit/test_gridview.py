@@ -13,9 +13,12 @@ def ann(role=Role.IDLE, ts=None, node_id="0123456789abcdef", **kw):
                         timestamp_ms=ts or int(time.time() * 1000), **kw)
 
 
+def raw(a, key=KEY):
+    return {k.encode(): v.encode() for k, v in a.to_txt(key).items()}
+
+
 def offer(view, a, key=KEY):
-    raw = {k.encode(): v.encode() for k, v in a.to_txt(key).items()}
-    return view.offer(a.service_type, a.instance_name, raw, ("10.0.0.1",), 4000, time.time())
+    return view.offer(a.service_type, a.instance_name, [raw(a, key)], ("10.0.0.1",), 4000, time.time())
 
 
 def test_state_change_and_goodbye_of_the_old_service():
@@ -85,6 +88,61 @@ def test_after_a_late_goodbye_the_state_a_node_left_does_not_bring_it_back_and_i
     assert back is not None and back.ann == idle and v.nodes[idle.node_id].ann.role is Role.IDLE
     assert v.remove(idle.instance_name) is not None  # and a later goodbye still takes it out
     assert v.restore(worker.instance_name) is None  # a service the node is not in now is no way back
+
+
+def test_of_two_cached_records_of_a_service_the_one_signed_last_wins_whatever_their_order():
+    """An idle desktop back from a job: a cache still holds its idle record from before the job
+    beside the new one, and must not bring back the old one (it is older than the worker record)."""
+    for reverse in (False, True):
+        v = GridView("lab", KEY)
+        before = ann()
+        offer(v, before)
+        worker = ann(Role.WORKER, ts=before.timestamp_ms + 1, ce="c1", coordinator="fedcba9876543210", epoch=1)
+        offer(v, worker)
+        after = ann(ts=worker.timestamp_ms + 1)
+        txts = [raw(before), raw(after)][::-1 if reverse else 1]
+        rec = v.offer(after.service_type, after.instance_name, txts, ("10.0.0.1",), 4000, time.time())
+        assert rec is not None and rec.ann == after and v.dropped == {}
+
+
+def test_a_forged_record_cached_beside_the_real_one_is_dropped_and_the_real_one_taken():
+    v = GridView("lab", KEY)
+    real = ann()
+    forged = ann(ts=real.timestamp_ms + 1000)
+    rec = v.offer(real.service_type, real.instance_name, [raw(forged, GridKey.generate()), raw(real)],
+                  ("10.0.0.1",), 4000, time.time())
+    assert rec is not None and rec.ann == real
+    assert v.dropped == {"wrong-key": 1}
+
+
+def test_the_browser_reads_the_new_record_when_a_cache_holds_the_old_one_marked_to_expire():
+    """What zeroconf does when a node replaces a record a browser still caches: the old one is
+    restamped to expire in a second, so its creation time looks newer than the new one's."""
+    from types import SimpleNamespace
+
+    from zeroconf import DNSCache, DNSText, current_time_millis
+
+    from bonjourgrid.mdns import Browser
+
+    old, new = ann(), ann(ts=int(time.time() * 1000) + 5)
+    cache = DNSCache()
+    t0 = current_time_millis() - 8000
+    old_txt = DNSText(old.instance_name, 16, 1 | 0x8000, 4500, _text(old), created=t0)
+    new_txt = DNSText(new.instance_name, 16, 1 | 0x8000, 4500, _text(new), created=t0 + 7000)
+    cache.async_add_records([old_txt, new_txt])
+    cache.async_mark_unique_records_older_than_1s_to_expire(
+        {(new.instance_name, 16, 1)}, [new_txt], current_time_millis())
+    browser = Browser(SimpleNamespace(zeroconf=SimpleNamespace(cache=cache)), GridView("lab", KEY))
+    txts = browser._live_txts(new.instance_name)
+    assert len(txts) == 2  # both live for one more second
+    rec = browser.view.offer(new.service_type, new.instance_name, txts, ("10.0.0.1",), 4000, time.time())
+    assert rec is not None and rec.ann == new
+
+
+def _text(a):
+    from zeroconf import ServiceInfo
+    return ServiceInfo(a.service_type, a.instance_name, port=1, server="h.local.",
+                       properties=a.to_txt(KEY), parsed_addresses=["10.0.0.1"]).text
 
 
 def test_txt_properties_reads_what_zeroconf_writes():
