@@ -186,43 +186,21 @@ class _Lost(Exception):
     pass
 
 
-# Results stream into the results directory when this machine has CPU to spare; when its tasks or
-# its owner use it all, they wait, at most this long, and land in fewer, bigger rounds.
-STREAM_SPARE_CORES = 0.5
-STREAM_EVERY_BUSY_S = 3.0
-
-
-def stream_due(since_last_s: float, spare_cores: float) -> bool:
-    """Write the results done so far now, or let the machine's other work have the CPU?"""
-    return spare_cores >= STREAM_SPARE_CORES or since_last_s >= STREAM_EVERY_BUSY_S
-
-
 class _Stream:
     """Results written into the results directory while the job runs, by the node that coordinates it.
 
     At the end only the tasks done since the last round are left to write: on a big sweep, writing
-    thousands of files after the last task was most of the wait (docs/architecture.md §6). Creating
-    files takes CPU, though: on a busy machine, the rounds are few (`stream_due`).
+    thousands of files after the last task was most of the wait (docs/architecture.md §6).
     """
 
     def __init__(self, node: LocalNode, job: str, dest: Path) -> None:
         self.node, self.job, self.dest = node, job, dest
         self.mark = 0  # see jobs._export: meaningful only for `node`'s journal
         self.on = True
-        self._spare: Any = None  # a SpareCpu, made at the first round: psutil is not imported for short jobs
-        self._last = time.monotonic()
 
     async def step(self, via: LocalNode) -> None:
         if not self.on or via is not self.node:
             return
-        now = time.monotonic()
-        if self._spare is None:
-            from .resources import SpareCpu
-
-            self._spare = SpareCpu()
-        if not stream_due(now - self._last, self._spare.cores(now)):
-            return
-        self._last = now
         try:
             reply = await self.node.ask("export", {"job": self.job, "dest": str(self.dest), "after": self.mark,
                                                    "partial": True}, timeout=60)

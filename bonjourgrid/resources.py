@@ -91,7 +91,10 @@ class ResourceProbe:
 
     def sample(self, now: float, busy_slots: int = 0) -> tuple[Resources, float]:
         """(resources to announce, owner CPU percent of the whole machine since the last sample)."""
-        total_busy = machine_busy_seconds()
+        t = psutil.cpu_times()
+        total_busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(
+            t, "steal", 0
+        )
         grid = self._grid_cpu_seconds()
         load = owner = 0.0
         if self._last_wall is not None and now > self._last_wall:
@@ -108,28 +111,6 @@ class ResourceProbe:
             load=round(load, 2),
         )
         return res, owner
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy, every core and everyone's processes together."""
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
-
-
-class SpareCpu:
-    """How many cores the machine left idle between two readings."""
-
-    def __init__(self) -> None:
-        self.machine_cpus = psutil.cpu_count() or 1
-        self._last: tuple[float, float] | None = None  # (wall, busy seconds)
-
-    def cores(self, now: float) -> float:
-        """Idle cores on average since the last call; 0 on the first (nothing to compare with yet)."""
-        busy = machine_busy_seconds()
-        last, self._last = self._last, (now, busy)
-        if last is None or now <= last[0]:
-            return 0.0
-        return max(self.machine_cpus - (busy - last[1]) / (now - last[0]), 0.0)
 
 
 def default_memory_mib() -> int:
