@@ -17,8 +17,16 @@ def raw(a, key=KEY):
     return {k.encode(): v.encode() for k, v in a.to_txt(key).items()}
 
 
-def offer(view, a, key=KEY):
-    return view.offer(a.service_type, a.instance_name, [raw(a, key)], ("10.0.0.1",), 4000, time.time())
+def offer(view, a, key=KEY, txts=None):
+    """`a`'s service resolved, with `txts` the TXT records cached for it (by default, `a`'s own)."""
+    return view.offer(a.service_type, a.instance_name, txts or [raw(a, key)], ("10.0.0.1",), 4000, time.time())
+
+
+def back_from_a_job():
+    """A desktop's idle, worker and idle records, signed in that order."""
+    first_idle = ann()
+    worker = ann(Role.WORKER, ts=first_idle.timestamp_ms + 1, ce="c1", coordinator="fedcba9876543210", epoch=1)
+    return first_idle, worker, ann(ts=worker.timestamp_ms + 1)
 
 
 def test_state_change_and_goodbye_of_the_old_service():
@@ -75,12 +83,9 @@ def test_after_a_late_goodbye_the_state_a_node_left_does_not_bring_it_back_and_i
     """A desktop between two short jobs: idle, worker, idle again within half a second. The goodbye of
     its first idle registration arrives after the second one, and takes the node out of the view."""
     v = GridView("lab", KEY)
-    first_idle = ann()
-    offer(v, first_idle)
-    worker = ann(Role.WORKER, ts=first_idle.timestamp_ms + 1, ce="c1", coordinator="fedcba9876543210", epoch=1)
-    offer(v, worker)
-    idle = ann(ts=worker.timestamp_ms + 1)
-    offer(v, idle)
+    first_idle, worker, idle = back_from_a_job()
+    for a in (first_idle, worker, idle):
+        offer(v, a)
     assert v.remove(idle.instance_name) is not None  # the late goodbye
     assert offer(v, worker) is None and offer(v, first_idle) is None  # read again from a cache: stale
     assert idle.node_id not in v.nodes
@@ -95,13 +100,10 @@ def test_of_two_cached_records_of_a_service_the_one_signed_last_wins_whatever_th
     beside the new one, and must not bring back the old one (it is older than the worker record)."""
     for reverse in (False, True):
         v = GridView("lab", KEY)
-        before = ann()
+        before, worker, after = back_from_a_job()
         offer(v, before)
-        worker = ann(Role.WORKER, ts=before.timestamp_ms + 1, ce="c1", coordinator="fedcba9876543210", epoch=1)
         offer(v, worker)
-        after = ann(ts=worker.timestamp_ms + 1)
-        txts = [raw(before), raw(after)][::-1 if reverse else 1]
-        rec = v.offer(after.service_type, after.instance_name, txts, ("10.0.0.1",), 4000, time.time())
+        rec = offer(v, after, txts=[raw(before), raw(after)][::-1 if reverse else 1])
         assert rec is not None and rec.ann == after and v.dropped == {}
 
 
@@ -109,8 +111,7 @@ def test_a_forged_record_cached_beside_the_real_one_is_dropped_and_the_real_one_
     v = GridView("lab", KEY)
     real = ann()
     forged = ann(ts=real.timestamp_ms + 1000)
-    rec = v.offer(real.service_type, real.instance_name, [raw(forged, GridKey.generate()), raw(real)],
-                  ("10.0.0.1",), 4000, time.time())
+    rec = offer(v, real, txts=[raw(forged, GridKey.generate()), raw(real)])
     assert rec is not None and rec.ann == real
     assert v.dropped == {"wrong-key": 1}
 
@@ -122,20 +123,21 @@ def test_the_browser_reads_the_new_record_when_a_cache_holds_the_old_one_marked_
 
     from zeroconf import DNSCache, DNSText, current_time_millis
 
-    from bonjourgrid.mdns import Browser
+    from bonjourgrid.mdns import _CLASS_IN, _TYPE_TXT, Browser
 
     old, new = ann(), ann(ts=int(time.time() * 1000) + 5)
     cache = DNSCache()
     t0 = current_time_millis() - 8000
-    old_txt = DNSText(old.instance_name, 16, 1 | 0x8000, 4500, _text(old), created=t0)
-    new_txt = DNSText(new.instance_name, 16, 1 | 0x8000, 4500, _text(new), created=t0 + 7000)
+    unique = _CLASS_IN | 0x8000  # the cache-flush bit
+    old_txt = DNSText(old.instance_name, _TYPE_TXT, unique, 4500, _text(old), created=t0)
+    new_txt = DNSText(new.instance_name, _TYPE_TXT, unique, 4500, _text(new), created=t0 + 7000)
     cache.async_add_records([old_txt, new_txt])
     cache.async_mark_unique_records_older_than_1s_to_expire(
-        {(new.instance_name, 16, 1)}, [new_txt], current_time_millis())
+        {(new.instance_name, _TYPE_TXT, _CLASS_IN)}, [new_txt], current_time_millis())
     browser = Browser(SimpleNamespace(zeroconf=SimpleNamespace(cache=cache)), GridView("lab", KEY))
     txts = browser._live_txts(new.instance_name)
     assert len(txts) == 2  # both live for one more second
-    rec = browser.view.offer(new.service_type, new.instance_name, txts, ("10.0.0.1",), 4000, time.time())
+    rec = offer(browser.view, new, txts=txts)
     assert rec is not None and rec.ann == new
 
 
